@@ -1,0 +1,18 @@
+"""The one exception type for problems a user can fix, and how the command-line tools report it."""
+import sys
+
+
+class UserError(Exception):
+    """Bad input or options: a missing file, malformed data, a broken checkpoint, impossible flags.
+
+    The message is one line that names the file (or option) and the problem.
+    """
+
+
+def run_cli(main):
+    """Run `main()`; a UserError becomes `error: <message>` on stderr and exit status 2, no traceback."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
