@@ -1,0 +1,175 @@
+"""LoRA math, merging, the parameter report, and adapters that round-trip with peft (the oracle)."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from errors import UserError
+from lora import (LoRALinear, apply_lora, format_parameter_report, load_adapter, lora_layers,
+                  merge_lora, parameter_report, save_adapter, unmerge_lora)
+from quant import dequantize_weight, is_4bit, make_linear, set_linear_weight
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(hidden=64, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def quantize_linears(model, quant_type="nf4"):
+    """Swap every linear but lm_head for a 4-bit one holding the same weight (what load_model does)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and not name.endswith("lm_head"):
+            q = make_linear(mod.in_features, mod.out_features, bias=mod.bias is not None, quantize=quant_type)
+            set_linear_weight(q, mod.weight.data, device="cpu", dtype=torch.float32)
+            if mod.bias is not None:
+                q.bias = nn.Parameter(mod.bias.data, requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q)
+    return model
+
+
+def randomize_B(model, seed=1, std=0.05):
+    """Non-zero B (PEFT's and ours) so an adapter changes the logits and a swapped key would show."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * std
+
+
+def logits(model, seed=0):
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = model(ids)
+    return getattr(out, "logits", out)  # transformers returns an output object, our model a tensor
+
+
+# --- the math -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_forward_is_W_plus_scaled_BA(quantize):
+    torch.manual_seed(0)
+    base = make_linear(64, 96, bias=True, quantize=quantize)
+    set_linear_weight(base, torch.randn(96, 64) * 0.1, device="cpu", dtype=torch.float32)
+    base.bias = nn.Parameter(torch.randn(96), requires_grad=False)
+    layer = LoRALinear(base, rank=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    W = dequantize_weight(base)  # the 4-bit weight as the matmul sees it
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    x = torch.randn(2, 5, 64)
+    expected = x @ W.T + base.bias + (8 / 4) * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_init_and_rslora_scaling():
+    layer = LoRALinear(nn.Linear(64, 32), rank=16, alpha=32)
+    assert layer.scaling == 2.0
+    assert LoRALinear(nn.Linear(64, 32), rank=16, alpha=32, rslora=True).scaling == 8.0
+    assert torch.all(layer.lora_B.weight == 0)
+    # PEFT's kaiming_uniform_(a=sqrt(5)) bound: 1 / sqrt(fan_in) = 1/8
+    assert 0.1 < layer.lora_A.weight.abs().max() <= 1 / 8
+    # rsLoRA through PEFT's own scaling, with the same r and alpha
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=16, lora_alpha=32, use_rslora=True,
+                                                         target_modules=["q_proj"]))
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == 8.0
+
+
+def test_zero_B_leaves_logits_unchanged():
+    model = tiny_llama()
+    before = logits(model)
+    apply_lora(model, rank=4, alpha=8, dropout=0.0, targets="all-linear")
+    assert torch.equal(logits(model), before)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gradients_reach_only_A_and_B(quantize):
+    model = tiny_llama()
+    if quantize:
+        quantize_linears(model, quantize)
+    apply_lora(model, rank=4, alpha=8, dropout=0.1, targets=LLAMA_TARGETS)
+    randomize_B(model)
+    model.train()
+    ids = torch.randint(0, 128, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        assert p.requires_grad == is_lora, name
+        if is_lora:  # the first layer's adapter too: the 4-bit path passes gradients down
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_all_linear_and_names_match_peft():
+    ours, theirs = tiny_llama(), tiny_llama()
+    names = apply_lora(ours, rank=4, alpha=8, dropout=0.0, targets="all-linear")
+    peft_model = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peft_names = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert sorted(names) == sorted(peft_names) and "lm_head" not in names
+    assert len(names) == 14
+
+
+def test_parameter_report_counts_4bit_weights_and_matches_peft():
+    fp, q = tiny_llama(), quantize_linears(tiny_llama())
+    for m in (fp, q):
+        apply_lora(m, rank=4, alpha=8, dropout=0.0, targets=LLAMA_TARGETS)
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    report = parameter_report(fp)
+    assert (report["trainable"], report["total"]) == (trainable, total)
+    assert parameter_report(q) == report  # packing to 4 bits changes no parameter count
+    assert format_parameter_report(report) == (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+
+# --- merge / unmerge ------------------------------------------------------------------------------
+
+def test_merge_unmerge_fp32():
+    model = tiny_llama()
+    base_logits = logits(model)
+    weights = {n: p.clone() for n, p in model.state_dict().items()}
+    apply_lora(model, rank=4, alpha=8, dropout=0.0, targets=LLAMA_TARGETS)
+    randomize_B(model)
+    lora_logits = logits(model)
+    merge_lora(model)
+    merge_lora(model)  # a second merge is a no-op, not a second W += BA
+    torch.testing.assert_close(logits(model), lora_logits, atol=1e-5, rtol=0)  # branch not added twice
+    unmerge_lora(model)
+    for name, p in model.state_dict().items():
+        if "lora_" not in name:
+            torch.testing.assert_close(p, weights[name.replace(".base_layer", "")], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model), lora_logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(lora_logits, base_logits, atol=1e-3)  # B really is non-zero
+
+
+def test_merge_unmerge_4bit_drift():
+    """Re-quantizing W + BA adds noise of about the size of quantizing W in the first place."""
+    fp_logits = logits(tiny_llama())
+    model = quantize_linears(tiny_llama())
+    base_logits = logits(model)
+    apply_lora(model, rank=4, alpha=8, dropout=0.0, targets=LLAMA_TARGETS)
+    randomize_B(model)
+    lora_logits = logits(model)
+    merge_lora(model)
+    assert all(is_4bit(m.base_layer) for _, m in lora_layers(model))
+    merge_drift = (logits(model) - lora_logits).abs()
+    unmerge_lora(model)  # the base after dequantize, add, re-quantize, dequantize, subtract, re-quantize
+    unmerge_drift = (logits(model) - lora_logits).abs()
+    quant_error = (base_logits - fp_logits).abs()  # fp32 model vs its NF4 copy
+    lora_effect = (lora_logits - base_logits).abs()
+    for name, d in [("merge drift", merge_drift), ("merge+unmerge drift", unmerge_drift),
+                    ("NF4 quantization error", quant_error), ("LoRA effect", lora_effect)]:
+        print(f"{name}: mean {d.mean():.4f} max {d.max():.4f}")
+    # Measured (figures in lora._add_to_base): merge 0.016 / 0.083, merge+unmerge 0.022 / 0.098,
+    # quantization error 0.012 / 0.067, LoRA effect 0.098 / 0.54 (mean / max |logit difference|).
+    assert merge_drift.mean() < 2 * quant_error.mean() and unmerge_drift.mean() < 2 * quant_error.mean()
+    assert merge_drift.mean() < lora_effect.mean() / 3  # the merged model is still the adapted one
