@@ -31,7 +31,7 @@ def exact_match(gold, pred):
 
 
 def f1_score(gold, pred, version="v2.0"):
-    """Token F1 of the normalised answers. v2.0 reads an empty side as "no answer": 1 only if both are."""
+    """Token F1 of the normalised answers; v2.0 reads an empty side as "no answer" (1 if both are)."""
     gold_toks, pred_toks = normalize_answer(gold).split(), normalize_answer(pred).split()
     if version == "v2.0" and (not gold_toks or not pred_toks):
         return int(gold_toks == pred_toks)
@@ -87,10 +87,9 @@ def squad_scores(dataset_json, predictions):
         return (100.0 * sum(exact[q] for q in qids) / len(qids),
                 100.0 * sum(f1[q] for q in qids) / len(qids))
 
-    if version == "v1.1":
-        em, f = percent(list(exact))
-        return {"exact_match": em, "f1": f}
     em, f = percent(list(exact))
+    if version == "v1.1":
+        return {"exact_match": em, "f1": f}
     scores = {"exact": em, "f1": f, "total": len(exact)}
     for prefix, answerable in (("HasAns", True), ("NoAns", False)):
         qids = [q for q in exact if has_ans[q] == answerable]
@@ -171,7 +170,7 @@ def tokenize_13a(text):
 
 
 def corpus_bleu(references, predictions):
-    """Corpus BLEU-4 in percent, as sacrebleu.corpus_bleu(predictions, [references]) with its defaults."""
+    """Corpus BLEU-4 in percent: sacrebleu.corpus_bleu(predictions, [references]) with its defaults."""
     correct, total, pred_len, ref_len = [0] * 4, [0] * 4, 0, 0
     for reference, prediction in zip(references, predictions):
         ref, pred = tokenize_13a(reference), tokenize_13a(prediction)
@@ -197,9 +196,9 @@ def corpus_bleu(references, predictions):
 
 
 def freeform_scores(references, predictions):
-    """Mean token F1 (SQuAD normalisation), mean ROUGE-L F and corpus BLEU-4 of free-form answers, in percent."""
+    """Mean token F1 (SQuAD normalisation), mean ROUGE-L F and corpus BLEU-4, in percent."""
     if not references or len(references) != len(predictions):
-        raise ValueError(f"need equally many references and predictions, got {len(references)} and {len(predictions)}")
+        raise ValueError(f"got {len(references)} references and {len(predictions)} predictions")
     n = len(references)
     return {
         "f1": 100.0 * sum(f1_score(r, p) for r, p in zip(references, predictions)) / n,
@@ -220,12 +219,12 @@ def _read_json(path):
 
 
 def score_files(data_path, predictions_path):
-    """Official scores of a predictions file (JSON object: question id -> answer) on a SQuAD dataset file."""
+    """Official scores of a predictions file (JSON: question id -> answer) on a SQuAD dataset file."""
     dataset_json, predictions = _read_json(data_path), _read_json(predictions_path)
     if not isinstance(dataset_json, dict) or not isinstance(dataset_json.get("data"), list):
         raise UserError(f"{data_path}: not a SQuAD dataset (expected an object with a 'data' list)")
     if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
-        raise UserError(f"{predictions_path}: expected a JSON object mapping question ids to answer strings")
+        raise UserError(f"{predictions_path}: expected a JSON object of question id -> answer string")
     try:
         return squad_scores(dataset_json, predictions)
     except UserError as err:
