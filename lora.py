@@ -115,7 +115,9 @@ def apply_lora(model, rank, alpha, dropout, targets, rslora=False):
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, rslora))
+        base = getattr(parent, child)
+        lora = LoRALinear(base, rank, alpha, dropout, rslora).train(base.training)  # keep eval mode
+        setattr(parent, child, lora)
     return names
 
 

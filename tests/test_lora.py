@@ -173,3 +173,94 @@ def test_merge_unmerge_4bit_drift():
     # quantization error 0.012 / 0.067, LoRA effect 0.098 / 0.54 (mean / max |logit difference|).
     assert merge_drift.mean() < 2 * quant_error.mean() and unmerge_drift.mean() < 2 * quant_error.mean()
     assert merge_drift.mean() < lora_effect.mean() / 3  # the merged model is still the adapted one
+
+
+# --- adapters in the PEFT format ------------------------------------------------------------------
+
+@pytest.mark.parametrize("targets,rslora", [(LLAMA_TARGETS, False), ("all-linear", True),
+                                            (["self_attn.q_proj", "v_proj"], False)])
+def test_our_adapter_loads_in_peft(tmp_path, targets, rslora):
+    base = tiny_llama()
+    ours = copy.deepcopy(base)
+    apply_lora(ours, rank=4, alpha=8, dropout=0.05, targets=targets, rslora=rslora)
+    randomize_B(ours)
+    save_adapter(ours, tmp_path, base_model_path="tiny-llama")
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no .tmp left
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()  # injects in place
+    assert theirs.peft_config["default"].use_rslora == rslora
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-5, rtol=0)
+    assert not torch.allclose(logits(base), logits(ours), atol=1e-3)  # the adapter does something
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapter_loads_here(tmp_path, rslora):
+    base = tiny_llama()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, use_rslora=rslora,
+                                                            target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_B(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path)  # no LoRA yet: applied from adapter_config.json
+    assert len(lora_layers(ours)) == 6
+    torch.testing.assert_close(logits(ours), logits(theirs.eval()), atol=1e-5, rtol=0)
+    # into a model that already has matching LoRA (as train.py --resume would), alpha from the file
+    again = copy.deepcopy(base)
+    apply_lora(again, rank=8, alpha=1, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])
+    load_adapter(again, tmp_path)
+    torch.testing.assert_close(logits(again), logits(theirs), atol=1e-5, rtol=0)
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    model = tiny_llama()
+    apply_lora(model, rank=4, alpha=8, dropout=0.0, targets=["q_proj"])
+    save_adapter(model, tmp_path)
+    with pytest.raises(UserError, match="already holds an adapter"):
+        save_adapter(model, tmp_path)
+    randomize_B(model)
+    save_adapter(model, tmp_path, overwrite=True)
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh), logits(model), atol=1e-6, rtol=0)
+
+
+def _adapter(tmp_path, name, targets=("q_proj", "v_proj"), rank=4, hidden=64):
+    model = tiny_llama(hidden=hidden)
+    apply_lora(model, rank=rank, alpha=8, dropout=0.0, targets=list(targets))
+    save_adapter(model, tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_mismatched_adapters_raise_user_error(tmp_path):
+    def lora_model(rank=8, targets=("q_proj", "v_proj")):
+        model = tiny_llama()
+        apply_lora(model, rank=rank, alpha=8, dropout=0.0, targets=list(targets))
+        return model
+
+    d = _adapter(tmp_path, "r4", rank=4)
+    with pytest.raises(UserError, match=r"adapter_config.json r=4 but model has r=8"):
+        load_adapter(lora_model(rank=8), d)
+    d = _adapter(tmp_path, "q_only", targets=["q_proj"], rank=8)
+    with pytest.raises(UserError, match=r"target_modules=\['q_proj'\] but model has LoRA on \['q_proj', 'v_proj'\]"):
+        load_adapter(lora_model(), d)
+    d = _adapter(tmp_path, "hidden32", hidden=32)  # same r and targets, another model's shapes
+    with pytest.raises(UserError, match=r"key base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight "
+                                        r"has shape \(4, 32\), model expects \(4, 64\)"):
+        load_adapter(tiny_llama(), d)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=f"no adapter_config.json in {tmp_path / 'empty'}"):
+        load_adapter(tiny_llama(), tmp_path / "empty")
+    with pytest.raises(UserError, match="no adapter_config.json in"):
+        load_adapter(tiny_llama(), tmp_path / "missing")
+    os.remove(os.path.join(_adapter(tmp_path, "no_weights"), "adapter_model.safetensors"))
+    with pytest.raises(UserError, match=f"no adapter_model.safetensors in {tmp_path / 'no_weights'}"):
+        load_adapter(tiny_llama(), tmp_path / "no_weights")
+    d = _adapter(tmp_path, "gpt2_targets")
+    cfg = json.load(open(os.path.join(d, "adapter_config.json")))
+    json.dump(dict(cfg, target_modules=["c_attn"]), open(os.path.join(d, "adapter_config.json"), "w"))
+    with pytest.raises(UserError, match=r"adapter_config.json: LoRA targets \['c_attn'\] match no linear layer"):
+        load_adapter(tiny_llama(), d)
+
+
+def test_apply_lora_rejects_unknown_targets():
+    with pytest.raises(UserError, match=r"LoRA targets \['c_fc'\] match no linear layer"):
+        apply_lora(tiny_llama(), rank=4, alpha=8, dropout=0.0, targets=["q_proj", "c_fc"])
