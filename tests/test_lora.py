@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import model as M
 from errors import UserError
 from lora import (LoRALinear, apply_lora, format_parameter_report, load_adapter, lora_layers,
                   merge_lora, parameter_report, save_adapter, unmerge_lora)
@@ -223,6 +224,49 @@ def test_save_refuses_to_overwrite(tmp_path):
     torch.testing.assert_close(logits(fresh), logits(model), atol=1e-6, rtol=0)
 
 
+# --- the same with our model.py -------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_our_model_adapters_round_trip_with_peft(tmp_path, quantize):
+    """fp32: exact parity with PEFT on transformers' Llama. NF4: our QLoRA model equals PEFT over a
+    transformers Llama holding our dequantized weights (W of the 4-bit model, as its matmul sees it)."""
+    hf = tiny_llama()
+    hf.save_pretrained(tmp_path / "base")
+    ours = M.load_model(str(tmp_path / "base"), quantize=quantize)
+    apply_lora(ours, rank=4, alpha=16, dropout=0.1, targets=LLAMA_TARGETS)
+    randomize_B(ours)
+    if quantize:
+        for name, layer in lora_layers(ours):
+            hf.get_submodule(name).weight.data = dequantize_weight(layer.base_layer).clone()
+    save_adapter(ours, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
+
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    randomize_B(peft_model, seed=2)
+    peft_model.save_pretrained(tmp_path / "peft")
+    again = M.load_model(str(tmp_path / "base"), quantize=quantize)
+    load_adapter(again, tmp_path / "peft")
+    torch.testing.assert_close(logits(again), logits(peft_model.eval()), atol=1e-5, rtol=0)
+
+
+def test_our_gpt2_adapter_loads_in_peft_over_conv1d(tmp_path):
+    """GPT-2: our nn.Linear layers against transformers' Conv1D ones; LoRA on attn.c_proj but not
+    mlp.c_proj, so target_modules must name full modules ("c_proj" alone would select both)."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).eval()
+    hf.save_pretrained(tmp_path / "base")
+    ours = M.load_model(str(tmp_path / "base"))
+    names = apply_lora(ours, rank=4, alpha=8, dropout=0.0, targets=["c_attn", "attn.c_proj", "c_fc"])
+    assert names[:3] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"]
+    randomize_B(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    targets = json.load(open(tmp_path / "adapter" / "adapter_config.json"))["target_modules"]
+    assert "transformer.h.1.attn.c_proj" in targets and "c_proj" not in targets
+    theirs = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
+
+
 def _adapter(tmp_path, name, targets=("q_proj", "v_proj"), rank=4, hidden=64):
     model = tiny_llama(hidden=hidden)
     apply_lora(model, rank=rank, alpha=8, dropout=0.0, targets=list(targets))
@@ -264,3 +308,17 @@ def test_mismatched_adapters_raise_user_error(tmp_path):
 def test_apply_lora_rejects_unknown_targets():
     with pytest.raises(UserError, match=r"LoRA targets \['c_fc'\] match no linear layer"):
         apply_lora(tiny_llama(), rank=4, alpha=8, dropout=0.0, targets=["q_proj", "c_fc"])
+
+
+def test_bf16_base_keeps_fp32_adapter_and_bf16_output():
+    base = nn.Linear(64, 32).to(torch.bfloat16)
+    layer = LoRALinear(base, rank=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.abs().sum() > 0
+    ref = (x.float() @ base.weight.float().T + base.bias.float()
+           + 2 * x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.02)  # bf16 rounding
