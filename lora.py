@@ -50,9 +50,9 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A and B stay fp32 whatever the base holds: they are tiny (r * (in + out) values) and the
         # optimizer updates them in full precision; forward casts them to the input's dtype.
-        device = base.weight.device
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
@@ -218,8 +218,9 @@ def load_adapter(model, directory):
         raise UserError(f"cannot read the adapter in {directory}: {err}") from None
     if cfg.get("peft_type") != "LORA":
         raise UserError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}, not 'LORA'")
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
-                               "layers_to_transform", "exclude_modules", "lora_bias") if cfg.get(k)]
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
+                               "layers_to_transform", "exclude_modules", "target_parameters",
+                               "trainable_token_indices", "layer_replication") if cfg.get(k)]
     if unsupported or cfg.get("bias", "none") != "none":
         raise UserError(f"{config_path}: unsupported PEFT options {unsupported or ['bias']}")
     r, targets = cfg["r"], cfg["target_modules"]
