@@ -175,7 +175,7 @@ def build_prompt(example, fmt):
         system, user = INSTRUCTION, f"Context: {example.context}\n\nQuestion: {example.question}"
     else:  # free-form instruction data: just the question (+ input)
         system, user = None, example.question + (f"\n\n{example.context}" if example.context else "")
-    if fmt == "plain":
+    if fmt == "plain":  # ends in a newline so a byte-level BPE answer starts a fresh word, as in chat
         return (f"{system}\n\n" if system else "") + f"{user}\n\nAnswer:\n"
     if fmt == "llama2":  # Llama 2 chat: [INST] <<SYS>> ... <</SYS>> ... [/INST]
         sys = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
