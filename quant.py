@@ -99,8 +99,7 @@ def quantize_4bit_reference(w, quant_type="nf4", blocksize=BLOCKSIZE, double_qua
     scaled = (blocks * (1 / scale)[:, None]).clamp(-1, 1)
     if n % blocksize:  # bitsandbytes divides in a last partial block instead of using the reciprocal
         scaled[-1] = (blocks[-1] / scale[-1]).clamp(-1, 1)
-    # Nearest code = the number of midpoints between sorted codes strictly below the value, so a tie
-    # goes to the lower code.
+    # Nearest code: count the midpoints between sorted codes strictly below the value (a tie -> lower).
     q = codes[torch.bucketize(scaled.flatten(), (values[:-1] + values[1:]) / 2)]
     q = q[: n + n % 2].to(torch.uint8)  # an odd numel is padded with one code of 0
     # Two codes per byte, the first element in the high nibble. Worked example, NF4, one block whose
@@ -148,8 +147,8 @@ class Linear4bit(bnb.nn.Linear4bit):
 
     bitsandbytes 0.50.2's AVX512 CPU dequantization reads the scale of (row, col) at
     absmax[row * (in // blocksize) + col // blocksize], which is the right block only when every row
-    holds whole blocks; it takes that path whenever in % 16 == 0, so a 48x48 or 64x96 layer gets
-    wrong scales (outputs off by tens of percent) in both its forward and backward.
+    holds whole blocks; it takes that path whenever in % 16 == 0, so a layer with in_features 32, 48 or
+    96 gets wrong scales (outputs off by tens of percent) in its forward and backward.
     """
 
     def forward(self, x):
@@ -212,17 +211,17 @@ def dequantize_weight(layer):
 
 
 def memory_report(model):
-    """Bytes held by `model`: 4-bit weights and their quantization statistics, everything else, and
-    the size it would have with every parameter in bf16 (buffers as they are)."""
+    """Bytes held by `model`: 4-bit weights with their per-block statistics, everything else, and the
+    size it would have with every parameter in bf16 (buffers as they are)."""
     weights = [m.weight for m in model.modules() if is_4bit(m)]
-    packed = {id(w) for w in weights}
-    quantized_params = sum(w.quant_state.shape.numel() for w in weights)  # values held, out * in
-    quantized_bytes = sum(w.nbytes for w in weights)  # packed uint8, two values per byte
-    # Per-block statistics: the absmax (fp32, or uint8 codes + the offset + one fp32 scale per 256
-    # blocks with double quantization). The fixed code tables (16 and 256 floats) are not counted.
-    state_bytes = sum(w.quant_state.absmax.nbytes + (w.quant_state.offset.nbytes +
-                      w.quant_state.state2.absmax.nbytes if w.quant_state.nested else 0) for w in weights)
-    others = [p for p in model.parameters() if id(p) not in packed]
+    states = [_state(w) for w in weights]
+    quantized_params = sum(s.shape.numel() for s in states)  # values held (out * in), two per byte
+    quantized_bytes = sum(w.nbytes for w in weights)
+    # absmax (+ offset and second-level scales); bnb's fixed code tables (16 and 256 floats per layer) are
+    # left out, as in the paper's bits-per-parameter
+    state_bytes = sum(s.absmax.nbytes + (s.offset.nbytes + s.absmax2.nbytes if s.offset is not None else 0)
+                      for s in states)
+    others = [p for p in model.parameters() if all(p is not w for w in weights)]  # tied weights once
     buffer_bytes = sum(b.nbytes for b in model.buffers())
     other_bytes = sum(p.nbytes for p in others) + buffer_bytes
     return {
@@ -236,11 +235,10 @@ def memory_report(model):
     }
 
 
-def format_memory_report(report):
+def format_memory_report(r):
     mib = 2**20
-    line = f"memory {report['total_bytes'] / mib:.2f} MiB (bf16: {report['bf16_bytes'] / mib:.2f} MiB)"
-    if report["bits_per_param"] is None:
-        return line
-    return (f"{line}; 4-bit weights {(report['quantized_weight_bytes'] + report['quant_state_bytes']) / mib:.2f}"
-            f" MiB for {report['quantized_params']:,} params = {report['bits_per_param']:.3f} bits/param,"
-            f" other {report['other_bytes'] / mib:.2f} MiB")
+    line = f"memory {r['total_bytes'] / mib:.2f} MiB (all-bf16 model: {r['bf16_bytes'] / mib:.2f} MiB)"
+    if r["bits_per_param"] is not None:
+        line += (f"; 4-bit weights {(r['quantized_weight_bytes'] + r['quant_state_bytes']) / mib:.2f} MiB for "
+                 f"{r['quantized_params']:,} params ({r['bits_per_param']:.3f} bits/param)")
+    return line
