@@ -1,0 +1,423 @@
+"""QLoRA fine-tuning, the loop written out: `python train.py --model DIR --data FILE`.
+
+A frozen (4-bit) base, LoRA adapters on its linears, a masked next-token loss over the answer tokens,
+AdamW, warmup + cosine schedule, periodic validation with early stopping, and one resumable checkpoint.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from data import IGNORE_INDEX, collate, load_examples, prepare, show_example, split_examples
+from errors import UserError, run_cli
+from lora import apply_lora, format_parameter_report, parameter_report, save_adapter
+from model import load_model
+from quant import format_memory_report, memory_report
+from tokenizer import load_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""                 # Hugging Face model directory (config.json, safetensors, tokenizer)
+    data: str = ""                  # SQuAD v1.1 / v2.0 JSON, or instruction JSON / JSONL
+    out: str = "runs/qlora"         # adapter, checkpoint and metrics.jsonl go here
+    quantize: str = "nf4"           # nf4 | fp4 | none: how the frozen base is stored
+    double_quant: bool = True       # 8-bit absmax scales: ~0.37 fewer bits per parameter
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str = "all-linear"     # or a comma list, e.g. q_proj,v_proj (GPT-2: c_attn,c_proj,c_fc)
+    rslora: bool = False
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1       # the cosine ends at lr * min_lr_ratio
+    batch_size: int = 4             # examples per micro-batch
+    grad_accum: int = 4             # micro-batches per optimizer step
+    max_steps: int = 0              # optimizer steps; 0: derived from epochs
+    epochs: float = 1.0
+    max_seq_len: int = 512          # longer prompts get their context cut around the answer
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"        # adamw | adamw8bit | paged_adamw8bit (bitsandbytes)
+    grad_checkpointing: bool = False
+    holdout: float = 0.0            # share of articles never trained on (evaluate.py --holdout selects them)
+    val_fraction: float = 0.05      # share of the remaining articles used for validation loss
+    val_max: int = 200              # at most this many validation examples (keeps evaluation cheap)
+    eval_every: int = 50            # optimizer steps between validations (and checkpoints)
+    patience: int = 0               # stop after this many validations without improvement; 0: never
+    limit: int = 0                  # train on at most this many examples; 0: all
+    format: str = ""                # prompt format; "": the tokenizer's own (plain, llama2, llama3, chatml)
+    device: str = "auto"            # auto: cuda > mps > cpu
+    dtype: str = "auto"             # auto: bfloat16 where supported on the device, else float32
+    seed: int = 0
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    skip_nonfinite: bool = False    # skip a batch whose loss is NaN / inf instead of stopping
+
+
+# ----------------------------------------------------------------------------- setup
+
+def validate(cfg):
+    """Reject impossible options before anything is loaded."""
+    checks = [(cfg.model, "--model is required"), (cfg.data, "--data is required"),
+              (cfg.quantize in ("nf4", "fp4", "none"), f"--quantize {cfg.quantize!r}: use nf4, fp4 or none"),
+              (cfg.optimizer in ("adamw", "adamw8bit", "paged_adamw8bit"), f"--optimizer {cfg.optimizer!r}"),
+              (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"), (cfg.rank > 0, f"--rank must be > 0, got {cfg.rank}"),
+              (cfg.max_seq_len > 0, f"--max-seq-len must be > 0, got {cfg.max_seq_len}"),
+              (cfg.batch_size > 0 and cfg.grad_accum > 0, "--batch-size and --grad-accum must be > 0"),
+              (cfg.max_steps > 0 or cfg.epochs > 0, "give --max-steps > 0 or --epochs > 0"),
+              (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+              (0 <= cfg.holdout < 1 and 0 <= cfg.val_fraction < 1, "--holdout and --val-fraction are in [0, 1)"),
+              (cfg.eval_every > 0 and cfg.log_every > 0, "--eval-every and --log-every must be > 0"),
+              (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+              (os.path.exists(cfg.data), f"{cfg.data}: no such file"),
+              (os.path.isdir(cfg.model), f"{cfg.model}: no such model directory")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if cfg.quantize != "none" and resolve_device(cfg.device) == "mps":
+        raise UserError("--quantize on MPS: bitsandbytes 4-bit layers need CUDA or a CPU; use --quantize none")
+    done = os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{cfg.out} holds an earlier run: pass --resume to continue it or --overwrite")
+    if cfg.resume and not done:
+        raise UserError(f"--resume: no checkpoint.pt in {cfg.out}")
+
+
+def resolve_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def resolve_dtype(name, device):
+    if name != "auto":
+        return getattr(torch, name)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def batches(dataset, batch_size, seed, start):
+    """Micro-batches forever, from micro-batch `start` on: each epoch is a fresh seeded shuffle.
+
+    The order depends only on (seed, index), so a resumed run sees exactly the batches it would have.
+    """
+    index = start * batch_size
+    while True:
+        epoch, offset = divmod(index, len(dataset))
+        order = list(range(len(dataset)))
+        random.Random(seed * 1000003 + epoch).shuffle(order)
+        take = order[offset:offset + batch_size]
+        index += batch_size
+        if len(take) == batch_size:        # the ragged end of an epoch is skipped
+            yield [dataset[i] for i in take]
+        else:
+            index = (epoch + 1) * len(dataset)
+
+
+def lr_at(step, cfg, total_steps):
+    """Linear warmup, then cosine decay from lr to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(cfg, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+    # 8-bit Adam keeps both moments in uint8 with per-block scales (4x less state); the paged variant
+    # lets CUDA evict that state to CPU memory under pressure instead of failing with out-of-memory.
+    kind = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def chunk_nll(lm_head, hidden, targets):
+    """Summed negative log-likelihood of `targets` (N,) under logits lm_head(hidden (N, C)) -> (N, V)."""
+    logits = lm_head(hidden).float()
+    # -log softmax(logits)[target] = logsumexp(logits) - logits[target]
+    return (torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
+
+
+def masked_loss_sum(model, input_ids, labels, chunk=1024):
+    """(sum of the NLL over supervised tokens, their count), for one micro-batch.
+
+    Position t predicts token t+1: hidden[:, :-1] is scored against labels[:, 1:]. Only the supervised
+    positions reach the LM head, in chunks that are recomputed in backward, so the (B, T, V) logits
+    tensor never exists: for SQuAD most positions are prompt and cost nothing.
+    """
+    hidden = model(input_ids, return_hidden=True)[:, :-1]          # (B, T-1, C)
+    targets = labels[:, 1:]                                          # (B, T-1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[keep], targets[keep]                    # (N, C), (N,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(targets), chunk):
+        total = total + checkpoint(chunk_nll, model.lm_head, hidden[i:i + chunk], targets[i:i + chunk],
+                                   use_reentrant=False)
+    return total, len(targets)
+
+
+@torch.no_grad()
+def validation_loss(model, dataset, cfg, pad_id, autocast):
+    """Mean NLL per supervised token over the validation set."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(dataset), cfg.batch_size):
+        input_ids, labels = collate(dataset[i:i + cfg.batch_size], pad_id)
+        with autocast():
+            nll, n = masked_loss_sum(model, input_ids.to(model.lm_head.weight.device),
+                                     labels.to(model.lm_head.weight.device))
+        total, count = total + nll.item(), count + n
+    model.train()
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def write_atomic(path, save):
+    """Write via a temporary file in the same directory and rename: a kill leaves the old file or the new."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({err.strerror or err}); the previous file is intact") from None
+
+
+def save_checkpoint(cfg, model, optimizer, state):
+    lora_state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    payload = dict(lora=lora_state, optimizer=optimizer.state_dict(), state=state,
+                   config=dataclasses.asdict(cfg), torch_rng=torch.get_rng_state(),
+                   python_rng=random.getstate())
+    write_atomic(os.path.join(cfg.out, "checkpoint.pt"), lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(cfg, model, optimizer):
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: torch raises several types
+        raise UserError(f"{path}: unreadable checkpoint ({err})") from None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if payload["lora"].keys() != params.keys():
+        raise UserError(f"{path}: its LoRA layers differ from this run's (check --rank / --targets)")
+    with torch.no_grad():
+        for name, p in params.items():
+            if payload["lora"][name].shape != p.shape:
+                raise UserError(f"{path}: {name} has shape {tuple(payload['lora'][name].shape)}, "
+                                f"this run expects {tuple(p.shape)}")
+            p.copy_(payload["lora"][name])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["torch_rng"])
+    random.setstate(payload["python_rng"])
+    return payload["state"]
+
+
+def log_metrics(cfg, record):
+    """Append one JSON line to metrics.jsonl (trim_metrics drops lines past a resumed checkpoint)."""
+    path = os.path.join(cfg.out, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(cfg, step):
+    """On resume, drop the lines written after the checkpoint: the log gets no gaps and no duplicates."""
+    path = os.path.join(cfg.out, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        write_atomic(path, lambda tmp: open(tmp, "w").writelines(kept))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg):
+    """Fine-tune LoRA adapters on `cfg.data`; returns the final state dict (step, val losses...)."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    tok = load_tokenizer(cfg.model)
+    fmt = cfg.format or tok.chat_format
+    kind, examples = load_examples(cfg.data)
+    rest, _heldout = split_examples(examples, cfg.holdout, cfg.seed)
+    train_examples, val_examples = split_examples(rest, cfg.val_fraction, cfg.seed)
+    if cfg.limit:
+        train_examples = random.Random(cfg.seed).sample(train_examples, min(cfg.limit, len(train_examples)))
+    val_examples = random.Random(cfg.seed).sample(val_examples, min(cfg.val_max, len(val_examples)))
+    train_set, stats = prepare(tok, train_examples, fmt, cfg.max_seq_len)
+    val_set, _ = prepare(tok, val_examples, fmt, cfg.max_seq_len)
+    if len(train_set) < cfg.batch_size:
+        raise UserError(f"{cfg.data}: {len(train_set)} training examples fit in --max-seq-len "
+                        f"{cfg.max_seq_len}, fewer than --batch-size {cfg.batch_size}")
+    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
+    total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+
+    model = load_model(cfg.model, quantize=None if cfg.quantize == "none" else cfg.quantize,
+                       device=device, dtype=dtype, double_quant=cfg.double_quant)
+    targets = "all-linear" if cfg.targets == "all-linear" else cfg.targets.split(",")
+    apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, targets, cfg.rslora)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    use_bf16 = dtype == torch.bfloat16 and device == "cuda"
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+
+    os.makedirs(cfg.out, exist_ok=True)
+    state = dict(step=0, best_val=float("inf"), bad_evals=0, last_eval=-1, tokens=0)
+    if cfg.resume:
+        state = load_checkpoint(cfg, model, optimizer)
+        trim_metrics(cfg, state["step"])
+    elif cfg.overwrite:
+        for name in ("metrics.jsonl", "checkpoint.pt"):
+            if os.path.exists(os.path.join(cfg.out, name)):
+                os.remove(os.path.join(cfg.out, name))
+    with open(os.path.join(cfg.out, "run.json.tmp"), "w") as f:
+        json.dump(dict(config=dataclasses.asdict(cfg), format=fmt, kind=kind, data_stats=stats,
+                       n_train=len(train_set), n_val=len(val_set), total_steps=total_steps), f, indent=2)
+    os.replace(os.path.join(cfg.out, "run.json.tmp"), os.path.join(cfg.out, "run.json"))
+
+    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, base {cfg.quantize}, format {fmt}")
+    print(f"{format_memory_report(memory_report(model))}")
+    print(format_parameter_report(parameter_report(model)))
+    print(f"train {len(train_set)} examples ({stats['n_truncated']} contexts cut, {stats['n_dropped']} "
+          f"dropped as too long), val {len(val_set)}, {total_steps} steps of "
+          f"{cfg.batch_size}x{cfg.grad_accum} examples")
+    print("first example, supervised tokens in [[ ]]:\n" + show_example(tok, train_set[0]["input_ids"],
+                                                                         train_set[0]["labels"]))
+
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))   # finish the step, then save
+    stream = batches(train_set, cfg.batch_size, cfg.seed, start=state["step"] * cfg.grad_accum)
+    pad_id = tok.pad_id
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not sys.stderr.isatty())
+    except ImportError:
+        bar = None
+    t0, tokens_since = time.time(), 0
+    stopped_early = False
+    while state["step"] < total_steps:
+        step = state["step"]
+        # 1. learning rate for this step
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # 2. validate (step 0 gives the base model's loss) and checkpoint
+        if step % cfg.eval_every == 0 and state["last_eval"] != step:
+            if not evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast):
+                print(f"early stopping at step {step}: no improvement in {cfg.patience} validations")
+                stopped_early = True
+                break
+        # 3. accumulate gradients over micro-batches, each token weighted equally across the window
+        raw = [next(stream) for _ in range(cfg.grad_accum)]
+        window = [collate(batch, pad_id) for batch in raw]
+        n_window = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in window)
+        loss_sum = 0.0
+        for input_ids, labels in window:
+            with autocast():
+                nll, _ = masked_loss_sum(model, input_ids.to(device), labels.to(device))
+            (nll / n_window).backward()
+            loss_sum += nll.item()
+        loss = loss_sum / n_window
+        if not math.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.skip_nonfinite:
+                print(f"step {step}: non-finite loss, batch skipped")
+                state["step"] += 1
+                continue
+            raise UserError(f"step {step}: loss is {loss}; stopped. The last good checkpoint is "
+                            f"{os.path.join(cfg.out, 'checkpoint.pt')} (--skip-nonfinite skips such batches)")
+        # 4. clip, step, zero
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        n_tokens = sum(len(ex["input_ids"]) for batch in raw for ex in batch)      # real tokens, no padding
+        state["tokens"] += n_tokens
+        tokens_since += n_tokens
+        # 5. log
+        if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+            elapsed = time.time() - t0
+            record = dict(step=state["step"], loss=round(loss, 5), lr=lr, grad_norm=round(grad_norm, 4),
+                          tokens_per_s=round(tokens_since / elapsed, 1), peak_mem_mb=round(peak_memory_mb(device)))
+            log_metrics(cfg, record)
+            if bar is None or bar.disable:
+                print(json.dumps(record))
+            else:
+                bar.set_postfix(loss=f"{loss:.4f}")
+            t0, tokens_since = time.time(), 0
+        if bar is not None:
+            bar.update(1)
+        if interrupted:
+            save_checkpoint(cfg, model, optimizer, state)
+            print(f"interrupted: checkpoint saved at step {state['step']} in {cfg.out}; --resume continues")
+            sys.exit(130)
+    if not stopped_early:
+        evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast)
+    save_adapter(model, os.path.join(cfg.out, "final"), base_model_path=os.path.abspath(cfg.model),
+                 overwrite=True)
+    print(f"done: {state['step']} steps, best val loss {state['best_val']:.4f}; adapters in "
+          f"{cfg.out}/best and {cfg.out}/final")
+    return state
+
+
+def evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast):
+    """Validate, keep the best adapter, write the checkpoint; False when patience has run out."""
+    state["last_eval"] = state["step"]
+    if val_set:
+        val = validation_loss(model, val_set, cfg, pad_id, autocast)
+        log_metrics(cfg, dict(step=state["step"], val_loss=round(val, 5)))
+        print(f"step {state['step']}: val loss {val:.4f}")
+        if val < state["best_val"]:
+            state["best_val"], state["bad_evals"] = val, 0
+            save_adapter(model, os.path.join(cfg.out, "best"), base_model_path=os.path.abspath(cfg.model),
+                         overwrite=True)
+        else:
+            state["bad_evals"] += 1
+    save_checkpoint(cfg, model, optimizer, state)
+    return not (cfg.patience and state["bad_evals"] >= cfg.patience)
+
+
+def peak_memory_mb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux reports KiB
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    run_cli(lambda: train(parse_args()))
