@@ -5,12 +5,17 @@ QLoRA (Dettmers et al., 2023) stores each frozen linear weight in 4 bits (NF4 or
 bitsandbytes' `Linear4bit` holds the packed weight and dequantizes it on the fly in its matmul; the
 reference functions below produce the same bytes as its CPU `quantize_4bit` (tests/test_quant.py).
 """
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import bitsandbytes as bnb
+
+# On an AVX512-BF16 CPU bitsandbytes warns at import that the optional `kernels` package (a hub download)
+# is missing; it only serves the eval-mode kernel that make_linear turns off, so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+import bitsandbytes as bnb  # noqa: E402
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # values per absmax block, as in the QLoRA paper and bitsandbytes' default
