@@ -27,7 +27,7 @@ from lora import load_adapter
 from model import Config, load_model
 from tokenizer import load_tokenizer
 
-RUN_CONFIG = "train_config.json"  # train.py's settings beside the adapter: we read quantize and format
+RUN_FILE = "run.json"  # train.py's settings, in its --out folder, the parent of the adapters best/ and final/
 DEFAULT_NEW_TOKENS = {"squad1": 32, "squad2": 32, "instruct": 256}  # SQuAD answers are short spans
 LATENCY_NOTE = "per question: wall time of the batch it was generated in"
 
@@ -196,13 +196,14 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format)")
     p.add_argument("--compare", action="store_true", help="evaluate the base, then base + adapter")
     p.add_argument("--holdout", type=float, help="evaluate the articles train.py held out (same --seed)")
-    p.add_argument("--seed", type=int, default=0, help="the holdout split and the --limit sample")
+    p.add_argument("--seed", type=int, help="the holdout split and the --limit sample (default: the run's, else 0)")
     p.add_argument("--limit", type=int, help="evaluate a fixed sample of N questions")
     p.add_argument("--format", choices=data.FORMATS, help="prompt format (default: the adapter's run's, "
                    "else the tokenizer's chat format)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, help="default 32 for SQuAD, 256 for instruction data")
-    p.add_argument("--max-seq-len", type=int, help="prompt + answer tokens (default: the model's, at most 2048)")
+    p.add_argument("--max-seq-len", type=int,
+                   help="prompt + answer tokens (default: the adapter's run's, else the model's, at most 2048)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--quantize", choices=("nf4", "fp4", "none"),
@@ -277,15 +278,20 @@ def resolve_dtype(name, device):
 
 
 def read_run_config(adapter):
-    """train.py's recorded settings beside the adapter ({} if there are none)."""
-    path = os.path.join(adapter or "", RUN_CONFIG)
-    if not adapter or not os.path.isfile(path):
+    """The settings of the train.py run that wrote `adapter` (its run.json beside or above it), as
+    {quantize, double_quant, format, max_seq_len, seed, holdout}; {} without an adapter or a run.json."""
+    paths = [os.path.join(adapter, RUN_FILE), os.path.join(adapter, os.pardir, RUN_FILE)] if adapter else []
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+            run = json.load(f)
+        cfg = run["config"]
+        keys = ("quantize", "double_quant", "max_seq_len", "seed", "holdout")
+        return dict({k: cfg[k] for k in keys if k in cfg}, format=run.get("format") or cfg.get("format"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{os.path.normpath(path)}: not a train.py run.json ({type(err).__name__}: {err})") from None
 
 
 def read_questions(args):
@@ -311,38 +317,47 @@ def main(argv=None):
     if args.predictions:
         print(metrics.format_official(metrics.score_files(args.data, args.predictions)))
         return
-    device, run_config = resolve_device(args.device), read_run_config(args.adapter)
+    device, run = resolve_device(args.device), read_run_config(args.adapter)
     dtype = resolve_dtype(args.dtype, device)
-    quantize = args.quantize or run_config.get("quantize") or "nf4"
+    # The base as the adapter was trained on it (its run.json), else NF4 as in QLoRA, on every device:
+    # a base stored differently would shift the numbers that a base / fine-tuned comparison reports.
+    quantize = args.quantize or run.get("quantize") or "nf4"
+    if quantize != "none" and device.type == "mps":
+        raise UserError("--quantize on MPS: bitsandbytes 4-bit layers need CUDA or a CPU; use --quantize none")
     tok = load_tokenizer(args.model)
-    fmt = args.format or run_config.get("format") or tok.chat_format
+    fmt = args.format or run.get("format") or tok.chat_format
+    seed = args.seed if args.seed is not None else run.get("seed", 0)
     model_len = Config.from_hf(args.model).max_seq_len
-    max_seq_len = args.max_seq_len or min(model_len, 2048)
+    max_seq_len = args.max_seq_len or run.get("max_seq_len") or min(model_len, 2048)
     if max_seq_len > model_len:
         raise UserError(f"--max-seq-len {max_seq_len} is beyond the model's {model_len} positions")
     if args.ask:
         examples, kind = read_questions(args), "ask"
     else:
+        if run.get("holdout") and args.holdout is None:
+            print(f"note: the adapter's run held out {run['holdout']} of the articles; --holdout "
+                  f"{run['holdout']} evaluates on those only", file=sys.stderr)
         kind, examples = data.load_examples(args.data)
-        examples = select_examples(examples, holdout=args.holdout, seed=args.seed, limit=args.limit)
+        examples = select_examples(examples, holdout=args.holdout, seed=seed, limit=args.limit)
     max_new_tokens = args.max_new_tokens or DEFAULT_NEW_TOKENS.get(kind, 64)
     if max_new_tokens >= max_seq_len:
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {max_seq_len}")
 
-    model = load_model(args.model, quantize=None if quantize == "none" else quantize, device=device, dtype=dtype)
+    model = load_model(args.model, quantize=None if quantize == "none" else quantize, device=device, dtype=dtype,
+                       double_quant=run.get("double_quant", True))
     if args.ask:
         if args.adapter:
             load_adapter(model, args.adapter)
         prompts = [data.encode_prompt(tok, ex, fmt, max_seq_len, max_new_tokens)[0] for ex in examples]
         texts = generate_answers(model, tok, prompts, batch_size=args.batch_size, max_new_tokens=max_new_tokens)[0]
-        answers = [data.answer_from_generation(t) or "(no answer)" if ex.context else t.strip()
+        answers = [(data.answer_from_generation(t) or "(no answer)") if ex.context else t.strip()
                    for ex, t in zip(examples, texts)]
         print(answers[0] if not args.file else json.dumps(
             [{"question": ex.question, "answer": a} for ex, a in zip(examples, answers)], indent=2))
         return
 
     settings = dict(model=args.model, adapter=args.adapter, data=args.data, kind=kind, holdout=args.holdout,
-                    seed=args.seed, limit=args.limit, format=fmt, batch_size=args.batch_size,
+                    seed=seed, limit=args.limit, format=fmt, batch_size=args.batch_size,
                     max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, decoding="greedy",
                     device=str(device), dtype=str(dtype).removeprefix("torch."), quantize=quantize)
     common = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
