@@ -153,22 +153,17 @@ def select_examples(examples, *, holdout=None, seed=0, limit=None):
 
 
 def format_table(runs, kind):
-    """One row per run (base, fine-tuned), in the columns of published SQuAD / QA results tables."""
-    ab = lambda r, key: r.get("abstention", {}).get(key, float("nan"))  # noqa: E731
-    if kind == "instruct":
-        cols = [("F1", lambda r: r["f1"]), ("ROUGE-L", lambda r: r["rougeL"]), ("BLEU", lambda r: r["bleu"]),
-                ("PPL", lambda r: r["perplexity"])]
-    else:
-        cols = [("EM", lambda r: r["em"]), ("F1", lambda r: r["f1"])]
-    if kind == "squad2":
-        cols += [("HasAns EM", lambda r: r["scores"].get("HasAns_exact", float("nan"))),
-                 ("HasAns F1", lambda r: r["scores"].get("HasAns_f1", float("nan"))),
-                 ("NoAns acc", lambda r: ab(r, "noans_recall"))]
-    cols += [("p50 s", lambda r: r["latency_s"]["p50"]), ("p95 s", lambda r: r["latency_s"]["p95"]),
-             ("tok/s", lambda r: r["tokens_per_s"]), ("peak MiB", lambda r: r["peak_memory_bytes"] / 2**20)]
-    lines = ["model".ljust(12) + "".join(h.rjust(11) for h, _ in cols)]
-    for name, report in runs.items():
-        lines.append(name.ljust(12) + "".join(f"{get(report):11.2f}" for _, get in cols))
+    """One row per run (base, fine-tuned), with the columns of published SQuAD / QA results tables."""
+    cols = {"instruct": [("F1", "f1"), ("ROUGE-L", "rougeL"), ("BLEU", "bleu"), ("PPL", "perplexity")],
+            "squad1": [("EM", "em"), ("F1", "f1")],
+            "squad2": [("EM", "em"), ("F1", "f1"), ("HasAns EM", "HasAns_exact"), ("HasAns F1", "HasAns_f1"),
+                       ("NoAns acc", "noans_recall")]}[kind]
+    cols += [("p50 s", "p50"), ("p95 s", "p95"), ("tok/s", "tokens_per_s"), ("peak MiB", "peak_mib")]
+    lines = ["model".ljust(10) + "".join(header.rjust(11) for header, _ in cols)]
+    for name, r in runs.items():
+        row = {**r, **r["scores"], **r.get("abstention", {}), **r["latency_s"],
+               "peak_mib": r["peak_memory_bytes"] / 2**20}
+        lines.append(name.ljust(10) + "".join(f"{row.get(key, float('nan')):11.2f}" for _, key in cols))
     first = next(iter(runs.values()))
     lines.append(f"{first['questions']} questions, {first['truncated']} prompts truncated to fit; "
                  f"latency {LATENCY_NOTE}; peak memory: {first['peak_memory_measure']}")
@@ -205,7 +200,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int,
                    help="prompt + answer tokens (default: the adapter's run's, else the model's, at most 2048)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: bfloat16 on CUDA where supported, else float32")
     p.add_argument("--quantize", choices=("nf4", "fp4", "none"),
                    help="4-bit base weights (default: as the adapter was trained if its run recorded it, else nf4)")
     p.add_argument("--out", default="eval-out", help="directory for predictions.json and metrics.json")
@@ -272,7 +268,7 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device):
-    if name == "auto":  # bf16 where the hardware computes in it, fp32 elsewhere (CPU bf16 matmuls are slow)
+    if name == "auto":  # bf16 where CUDA supports it; elsewhere fp32, the reference numbers (see --dtype)
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
 
@@ -339,6 +335,8 @@ def main(argv=None):
                   f"{run['holdout']} evaluates on those only", file=sys.stderr)
         kind, examples = data.load_examples(args.data)
         examples = select_examples(examples, holdout=args.holdout, seed=seed, limit=args.limit)
+        if not examples:
+            raise UserError(f"--holdout {args.holdout}: {args.data} has too few articles to hold any out")
     max_new_tokens = args.max_new_tokens or DEFAULT_NEW_TOKENS.get(kind, 64)
     if max_new_tokens >= max_seq_len:
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {max_seq_len}")
