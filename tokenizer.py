@@ -109,6 +109,13 @@ class Tokenizer:
         else:
             self.chat_format = "plain"
 
+        # In a model directory every id must have an embedding row: a tokenizer from another model
+        # (Llama 2's beside stories260K) would otherwise fail as an IndexError deep inside training.
+        rows = _read_json(os.path.join(directory, "config.json")).get("vocab_size")
+        if isinstance(rows, int) and self.vocab_size > rows:
+            raise UserError(f"{directory}: the tokenizer has {self.vocab_size} tokens but the model's "
+                            f"vocab_size is {rows}: tokenizer and weights come from different models")
+
     def encode(self, text, bos=False):
         """Token ids of `text`, with bos_id first if `bos`. Special tokens written in the text
         (e.g. "<|im_start|>") become their ids with tokenizer.json and GPT-2 backends."""

@@ -1,0 +1,264 @@
+"""Reliability: bad input gets a one-line error and changes nothing on disk; a kill, Ctrl-C, a NaN loss
+or a full disk loses no work, and resuming gives the adapter an uninterrupted run gives.
+
+The CLIs run as `__main__` (runpy) inside this process, which saves ~4 s of imports per case; a few
+run as real subprocesses too, to prove the process prints nothing but the one line on stderr.
+"""
+import contextlib
+import io
+import json
+import os
+import random
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model as M
+import train as T
+from conftest import GPT2_TOKENIZER, LLAMA2_TOKENIZER, ROOT, SQUAD_V1, STORIES
+from errors import UserError
+from lora import apply_lora, save_adapter
+
+# One thread here and in every subprocess: on this shared 2-core machine a second OpenMP thread
+# spin-waits for a busy core, and a fixed thread count keeps CPU results bit-for-bit repeatable.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, handler)      # train() installs its own Ctrl-C handler
+
+
+def cli(script, *argv):
+    """(exit status, stdout, stderr) of `python script argv`, run as __main__ in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    old_argv = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = old_argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def subprocess_cli(script, *argv):
+    run = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    return run.returncode, run.stdout, run.stderr
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit status 2 and exactly one line `error: ...` on stderr that contains every fragment."""
+    code, _, err = result
+    assert code == 2, err[-3000:]
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert str(fragment) in err, (fragment, err)
+    return err
+
+
+def snapshot(directory):
+    """{relative path: (bytes, mtime_ns)} of every file below `directory`."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = (f.read(), os.stat(path).st_mtime_ns)
+    return files
+
+
+# ----------------------------------------------------------------------------- fixtures: small valid inputs
+
+def squad_dict():
+    """A small valid SQuAD v1.1 file: the first paragraphs of the first four dev articles."""
+    with open(SQUAD_V1, encoding="utf-8") as f:
+        dev = json.load(f)
+    return dict(dev, data=[dict(a, paragraphs=a["paragraphs"][:3]) for a in dev["data"][:4]])
+
+
+@pytest.fixture(scope="module")
+def squad_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small-v1.1.json"
+    path.write_text(json.dumps(squad_dict()))
+    return str(path)
+
+
+@pytest.fixture
+def earlier_run(tmp_path):
+    """An --out directory holding an earlier run's files (contents only need to be recognisable)."""
+    out = tmp_path / "run"
+    for name in ("run.json", "metrics.jsonl", "checkpoint.pt", "best/adapter_model.safetensors",
+                 "final/adapter_config.json", "final/adapter_model.safetensors", "predictions.json",
+                 "metrics.json"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"earlier run: {name}")
+    return out
+
+
+def model_dir(tmp_path, name="model"):
+    """A writable copy of stories260K."""
+    d = tmp_path / name
+    shutil.copytree(STORIES, d)
+    return d
+
+
+TRAIN_FAST = ["--max-seq-len", "192", "--batch-size", "2", "--grad-accum", "2", "--limit", "12",
+              "--val-max", "2", "--max-steps", "2", "--dtype", "float32"]
+
+
+def train_cli(model, data, out, *extra):
+    return cli("train.py", "--model", model, "--data", data, "--out", out, *TRAIN_FAST, *extra)
+
+
+# ----------------------------------------------------------------------------- bad data
+
+def squad_with(edit):
+    data = squad_dict()
+    edit(data, data["data"][0]["paragraphs"][0]["qas"][0])
+    return json.dumps(data).encode()
+
+
+def set_answer_start(qa, delta):
+    qa["answers"][0]["answer_start"] += delta
+
+
+BAD_DATA = [  # (file name, its bytes, what the message must say)
+    ("garbled.json", b'{"version": "1.1", "data": [{"title": ', "not valid JSON"),
+    ("structure.json", json.dumps({"version": "1.1", "articles": []}).encode(), "wrong structure"),
+    ("list.json", b"[1, 2]", "record 0: expected a JSON object"),
+    ("version.json", squad_with(lambda d, qa: d.update(version="3.0")), "unknown SQuAD version '3.0'"),
+    ("no-data.json", squad_with(lambda d, qa: d.update(data={"x": 1})), "'data' should be of type list"),
+    ("no-question.json", squad_with(lambda d, qa: qa.pop("question")), "qas[0]: missing field 'question'"),
+    ("no-answers.json", squad_with(lambda d, qa: qa.pop("answers")), "qas[0]: missing field 'answers'"),
+    ("no-context.json", squad_with(lambda d, qa: d["data"][0]["paragraphs"][0].pop("context")),
+     "paragraphs[0]: missing field 'context'"),
+    ("start.json", squad_with(lambda d, qa: set_answer_start(qa, 1)), "answer_start 178 does not match"),
+    ("start-type.json", squad_with(lambda d, qa: qa["answers"][0].update(answer_start="177")),
+     "'answer_start' should be of type int"),
+    ("empty-context.json", squad_with(lambda d, qa: d["data"][0]["paragraphs"][0].update(context=" \n")),
+     "paragraphs[0]: empty context"),
+    ("empty-question.json", squad_with(lambda d, qa: qa.update(question="  ")), "empty question"),
+    ("v2-no-flag.json", squad_with(lambda d, qa: d.update(version="v2.0")), "missing field 'is_impossible'"),
+    ("latin1.json", squad_with(lambda d, qa: None).replace(b"Super Bowl", b"S\xfcper Bowl", 1),
+     "line 1: not UTF-8 text"),
+    ("empty.json", b"", "not valid JSON"),
+    ("bad-line.jsonl", b'{"question": "q1", "answer": "a1"}\n\n{"question": "q2", "answer": "a2"\n',
+     "line 3: not valid JSON"),
+    ("not-object.jsonl", b'{"question": "q1", "answer": "a1"}\n["q2", "a2"]\n', "line 2: expected a JSON object"),
+    ("no-answer.jsonl", b'{"question": "q1", "answer": "a1"}\n{"question": "q2"}\n', "line 2: needs a non-empty"),
+    ("latin1.jsonl", b'{"question": "q1", "answer": "a1"}\n{"question": "caf\xe9", "answer": "a"}\n',
+     "line 2: not UTF-8 text"),
+    ("dup.jsonl", b'{"id": "x", "question": "q1", "answer": "a1"}\n{"id": "x", "question": "q2", "answer": "a"}\n',
+     "duplicate id 'x'"),
+]
+
+
+def no_model_load(monkeypatch):
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+@pytest.mark.parametrize("name,content,message", BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_data_is_one_line_error_and_the_earlier_run_is_untouched(monkeypatch, tmp_path, earlier_run,
+                                                                     name, content, message):
+    no_model_load(monkeypatch)
+    path = tmp_path / name
+    path.write_bytes(content)
+    before = snapshot(earlier_run)
+    # --overwrite is the riskiest flag: it must not delete anything until the input has proved good.
+    assert_one_line_error(train_cli(STORIES, path, earlier_run, "--overwrite"), path, message)
+    assert snapshot(earlier_run) == before
+
+
+def test_bad_data_in_a_real_process_prints_one_line_only(tmp_path):
+    """The process, imports included (bitsandbytes prints warnings on some machines), writes one line."""
+    path = tmp_path / "start.json"
+    path.write_bytes(squad_with(lambda d, qa: set_answer_start(qa, 1)))
+    result = subprocess_cli("train.py", "--model", STORIES, "--data", path, "--out", tmp_path / "out")
+    assert_one_line_error(result, path, "answer_start 178 does not match the answer 'Denver Broncos'")
+    assert result[1] == "" and not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- bad models and tokenizers
+
+def split_into_shards(d):
+    """Rewrite model.safetensors as two shards and an index, like a large Hub checkpoint."""
+    tensors = load_file(d / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, d / shard, metadata={"format": "pt"})
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    os.remove(d / "model.safetensors")
+
+
+def edit_config(d, drop=(), **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg = {k: v for k, v in dict(cfg, **changes).items() if k not in drop}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def drop_tensor(d, name):
+    tensors = load_file(d / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def gpt2_tokenizer_instead(d):
+    os.remove(d / "tokenizer.model")
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(GPT2_TOKENIZER, f), d / f)
+
+
+BAD_MODELS = [  # (case, edit of a stories260K copy, file named in the message, what the message says)
+    ("no-config", lambda d: os.remove(d / "config.json"), "config.json", "not found"),
+    ("config-not-json", lambda d: (d / "config.json").write_text("{"), "config.json", "not valid JSON"),
+    ("no-weights", lambda d: os.remove(d / "model.safetensors"), "", "no model.safetensors"),
+    ("truncated", lambda d: truncate(d / "model.safetensors"), "model.safetensors", "unreadable safetensors"),
+    ("header-only", lambda d: truncate(d / "model.safetensors", 0.001), "model.safetensors", "unreadable"),
+    ("missing-shard", lambda d: (split_into_shards(d), os.remove(d / "model-00002-of-00002.safetensors")),
+     "model-00002-of-00002.safetensors", "missing"),
+    ("bad-index", lambda d: (split_into_shards(d), truncate(d / "model.safetensors.index.json")),
+     "model.safetensors.index.json", "not a valid safetensors index"),
+    ("shape", lambda d: edit_config(d, intermediate_size=80), "model.safetensors",
+     "has shape (64, 172), the config expects (64, 80)"),
+    ("layers", lambda d: edit_config(d, num_hidden_layers=4), "model.safetensors", "unexpected tensor"),
+    ("lacks-tensor", lambda d: drop_tensor(d, "model.layers.3.mlp.up_proj.weight"), "",
+     "lacks 1 tensors, e.g. ['model.layers.3.mlp.up_proj.weight']"),
+    ("architecture", lambda d: edit_config(d, model_type="bert"), "config.json", "unsupported architecture 'bert'"),
+    ("missing-field", lambda d: edit_config(d, drop=["hidden_size"]), "config.json", "missing field 'hidden_size'"),
+    ("llama2-tokenizer", lambda d: shutil.copy(os.path.join(LLAMA2_TOKENIZER, "tokenizer.model"), d),
+     "", "32000 tokens but the model's vocab_size is 512"),
+    ("gpt2-tokenizer", gpt2_tokenizer_instead, "", "50257 tokens but the model's vocab_size is 512"),
+]
+
+
+@pytest.mark.parametrize("case,edit,file,message", BAD_MODELS, ids=[c[0] for c in BAD_MODELS])
+def test_bad_model_is_one_line_error_and_the_earlier_run_is_untouched(tmp_path, squad_file, earlier_run,
+                                                                      case, edit, file, message):
+    d = model_dir(tmp_path)
+    edit(d)
+    before = snapshot(earlier_run)
+    assert_one_line_error(train_cli(d, squad_file, earlier_run, "--overwrite"), d / file, message)
+    assert snapshot(earlier_run) == before
