@@ -4,6 +4,7 @@ A frozen (4-bit) base, LoRA adapters on its linears, a masked next-token loss ov
 AdamW, warmup + cosine schedule, periodic validation with early stopping, and one resumable checkpoint.
 """
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -16,7 +17,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DistributedSampler
 
 from data import IGNORE_INDEX, collate, load_examples, prepare, show_example, split_examples
 from errors import UserError, run_cli
@@ -115,16 +119,22 @@ def resolve_dtype(name, device):
     return torch.bfloat16 if device == "cpu" else torch.float32
 
 
-def batches(dataset, batch_size, seed, start):
-    """Micro-batches forever, from micro-batch `start` on: each epoch is a fresh seeded shuffle whose
-    ragged end is skipped. The order depends only on (seed, index), so a resumed run sees exactly the
-    batches it would have seen."""
-    per_epoch = len(dataset) // batch_size
+def batches(dataset, batch_size, seed, start, rank=0, world=1):
+    """This rank's micro-batches forever, from micro-batch `start` on.
+
+    Each epoch is a fresh seeded permutation, dealt round-robin to the ranks by PyTorch's
+    DistributedSampler (one rank: the whole permutation); the ragged end is skipped. The order depends
+    only on (seed, index), so a resumed run sees exactly the batches it would have seen, and W ranks with
+    batch B together see the same global batches as one process with batch W * B.
+    """
+    sampler = DistributedSampler(range(len(dataset)), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    per_epoch = len(sampler) // batch_size
     for index in itertools.count(start):
         epoch, k = divmod(index, per_epoch)
         if k == 0 or index == start:
-            order = list(range(len(dataset)))
-            random.Random(seed * 1000003 + epoch).shuffle(order)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
         yield [dataset[i] for i in order[k * batch_size:(k + 1) * batch_size]]
 
 
@@ -163,12 +173,13 @@ def masked_loss_sum(model, input_ids, labels, chunk=1024):
     tensor never exists: for SQuAD most positions are prompt and cost nothing.
     """
     hidden = model(input_ids, return_hidden=True)[:, :-1]          # (B, T-1, C)
+    lm_head = getattr(model, "module", model).lm_head                # under DDP, model is the wrapper
     targets = labels[:, 1:]                                          # (B, T-1)
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]                    # (N, C), (N,)
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(targets), chunk):
-        total = total + checkpoint(chunk_nll, model.lm_head, hidden[i:i + chunk], targets[i:i + chunk],
+        total = total + checkpoint(chunk_nll, lm_head, hidden[i:i + chunk], targets[i:i + chunk],
                                    use_reentrant=False)
     return total, len(targets)
 
@@ -205,8 +216,7 @@ def write_atomic(path, save):
 def save_checkpoint(cfg, model, optimizer, state):
     lora_state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     payload = dict(lora=lora_state, optimizer=optimizer.state_dict(), state=state,
-                   config=dataclasses.asdict(cfg), torch_rng=torch.get_rng_state(),
-                   python_rng=random.getstate())
+                   config=dataclasses.asdict(cfg))
     write_atomic(os.path.join(cfg.out, "checkpoint.pt"), lambda tmp: torch.save(payload, tmp))
 
 
@@ -226,8 +236,6 @@ def load_checkpoint(cfg, model, optimizer):
                                 f"this run expects {tuple(p.shape)}")
             p.copy_(payload["lora"][name])
     optimizer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["torch_rng"])
-    random.setstate(payload["python_rng"])
     return payload["state"]
 
 
@@ -249,13 +257,38 @@ def trim_metrics(cfg, step):
 
 # ----------------------------------------------------------------------------- the loop
 
+def init_distributed(device):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL between
+    GPUs, gloo between CPU processes; each rank drives the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_ranks_sum(value, world, device):
+    """The sum of a number over all ranks (itself when there is one process)."""
+    if world == 1:
+        return value
+    total = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item()
+
+
 def train(cfg):
     """Fine-tune LoRA adapters on `cfg.data`; returns the final state dict (step, val losses...)."""
     validate(cfg)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    rank, world, device = init_distributed(resolve_device(cfg.device))
+    dtype = resolve_dtype(cfg.dtype, device.split(":")[0])
+    main = rank == 0                      # only rank 0 logs, validates and writes files
+    say = print if main else (lambda *args, **kwargs: None)
+    if world > 1:
+        dist.barrier()                    # every rank checked --out before rank 0 writes to it
 
     tok = load_tokenizer(cfg.model)
     fmt = cfg.format or tok.chat_format
@@ -270,24 +303,33 @@ def train(cfg):
     if len(train_set) < cfg.batch_size:
         raise UserError(f"{cfg.data}: {len(train_set)} training examples fit in --max-seq-len "
                         f"{cfg.max_seq_len}, fewer than --batch-size {cfg.batch_size}")
-    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
+    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum * world))
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
 
     model = load_model(cfg.model, quantize=None if cfg.quantize == "none" else cfg.quantize,
                        device=device, dtype=dtype, double_quant=cfg.double_quant)
     targets = "all-linear" if cfg.targets == "all-linear" else cfg.targets.split(",")
+    torch.manual_seed(cfg.seed)                       # the same LoRA init on every rank
     apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, targets, cfg.rslora)
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    use_bf16 = dtype == torch.bfloat16 and device == "cuda"
-    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    use_bf16 = dtype == torch.bfloat16 and device.startswith("cuda")
+    autocast = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    # Data parallel: DDP averages the gradients of the trainable (LoRA) parameters across ranks in
+    # backward; the frozen 4-bit base is loaded by every rank and never communicated after the start.
+    ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda")
+                                  else None, broadcast_buffers=False) if world > 1 else model
 
-    os.makedirs(cfg.out, exist_ok=True)
     state = dict(step=0, best_val=float("inf"), bad_evals=0, last_eval=-1, tokens=0)
     if cfg.resume:
         state = load_checkpoint(cfg, model, optimizer)
+    if not main:
+        return train_loop(cfg, ddp, model, optimizer, state, train_set, val_set, tok, total_steps, rank, world,
+                          device, autocast, say)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.resume:
         trim_metrics(cfg, state["step"])
     elif cfg.overwrite:
         for name in ("metrics.jsonl", "checkpoint.pt"):
@@ -298,24 +340,30 @@ def train(cfg):
                        n_train=len(train_set), n_val=len(val_set), total_steps=total_steps), f, indent=2)
     os.replace(os.path.join(cfg.out, "run.json.tmp"), os.path.join(cfg.out, "run.json"))
 
-    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, base {cfg.quantize}, format {fmt}")
+    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, base {cfg.quantize}, format {fmt}"
+          + (f", {world} ranks" if world > 1 else ""))
     print(f"{format_memory_report(memory_report(model))}")
     print(format_parameter_report(parameter_report(model)))
     print(f"train {len(train_set)} examples ({stats['n_truncated']} contexts cut, {stats['n_dropped']} "
           f"dropped as too long), val {len(val_set)}, {total_steps} steps of "
-          f"{cfg.batch_size}x{cfg.grad_accum} examples")
+          f"{cfg.batch_size}x{cfg.grad_accum}x{world} examples")
     print("first example, supervised tokens in [[ ]]:\n" + show_example(tok, train_set[0]["input_ids"],
                                                                          train_set[0]["labels"]))
+    return train_loop(cfg, ddp, model, optimizer, state, train_set, val_set, tok, total_steps, rank, world,
+                      device, autocast, say)
 
+
+def train_loop(cfg, ddp, model, optimizer, state, train_set, val_set, tok, total_steps, rank, world, device,
+               autocast, say):
+    """The optimizer steps, run by every rank; `ddp` is `model`, wrapped in DDP when there are several ranks."""
+    main = rank == 0
+    params = [p for p in model.parameters() if p.requires_grad]
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))   # finish the step, then save
-    stream = batches(train_set, cfg.batch_size, cfg.seed, start=state["step"] * cfg.grad_accum)
+    stream = batches(train_set, cfg.batch_size, cfg.seed, state["step"] * cfg.grad_accum, rank, world)
     pad_id = tok.pad_id
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not sys.stderr.isatty())
-    except ImportError:
-        bar = None
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not (main and sys.stderr.isatty()))
     t0, tokens_since = time.time(), 0
     stopped_early = False
     while state["step"] < total_steps:
@@ -324,27 +372,34 @@ def train(cfg):
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # 2. validate (step 0 gives the base model's loss) and checkpoint
+        # 2. validate (step 0 gives the base model's loss) and checkpoint, on rank 0
         if step % cfg.eval_every == 0 and state["last_eval"] != step:
-            if not evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast):
-                print(f"early stopping at step {step}: no improvement in {cfg.patience} validations")
+            keep_going = evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast) \
+                if main else True
+            if all_ranks_sum(not keep_going, world, device) > 0:       # rank 0 decides for all
+                say(f"early stopping at step {step}: no improvement in {cfg.patience} validations")
                 stopped_early = True
                 break
+            state["last_eval"] = step
         # 3. accumulate gradients over micro-batches, each token weighted equally across the window
+        # (and across ranks: DDP averages gradients, so each rank scales by world / global token count)
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)    # dropout: resumable, per rank
         raw = [next(stream) for _ in range(cfg.grad_accum)]
         window = [collate(batch, pad_id) for batch in raw]
-        n_window = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in window)
+        n_window = all_ranks_sum(sum(int((lab[:, 1:] != IGNORE_INDEX).sum()) for _, lab in window), world, device)
         loss_sum = 0.0
-        for input_ids, labels in window:
-            with autocast():
-                nll, _ = masked_loss_sum(model, input_ids.to(device), labels.to(device))
-            (nll / n_window).backward()
+        for i, (input_ids, labels) in enumerate(window):
+            # Gradients are all-reduced only after the last micro-batch of the window.
+            sync = ddp.no_sync() if world > 1 and i < len(window) - 1 else contextlib.nullcontext()
+            with sync, autocast():
+                nll, _ = masked_loss_sum(ddp, input_ids.to(device), labels.to(device))
+                (nll * world / n_window).backward()
             loss_sum += nll.item()
-        loss = loss_sum / n_window
+        loss = all_ranks_sum(loss_sum, world, device) / n_window
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             if cfg.skip_nonfinite:
-                print(f"step {step}: non-finite loss, batch skipped")
+                say(f"step {step}: non-finite loss, batch skipped")
                 state["step"] += 1
                 continue
             raise UserError(f"step {step}: loss is {loss}; stopped. The last good checkpoint is "
@@ -354,33 +409,42 @@ def train(cfg):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        n_tokens = sum(len(ex["input_ids"]) for batch in raw for ex in batch)      # real tokens, no padding
+        n_tokens = all_ranks_sum(sum(len(ex["input_ids"]) for batch in raw for ex in batch), world, device)
         state["tokens"] += n_tokens
         tokens_since += n_tokens
         # 5. log
-        if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+        if main and (state["step"] % cfg.log_every == 0 or state["step"] == total_steps):
             elapsed = time.time() - t0
             record = dict(step=state["step"], loss=round(loss, 5), lr=lr, grad_norm=round(grad_norm, 4),
                           tokens_per_s=round(tokens_since / elapsed, 1), peak_mem_mb=round(peak_memory_mb(device)))
             log_metrics(cfg, record)
-            if bar is None or bar.disable:
+            if bar.disable:
                 print(json.dumps(record))
             else:
                 bar.set_postfix(loss=f"{loss:.4f}")
             t0, tokens_since = time.time(), 0
-        if bar is not None:
-            bar.update(1)
-        if interrupted:
-            save_checkpoint(cfg, model, optimizer, state)
-            print(f"interrupted: checkpoint saved at step {state['step']} in {cfg.out}; --resume continues")
+        bar.update(1)
+        if all_ranks_sum(len(interrupted), world, device):
+            if main:
+                save_checkpoint(cfg, model, optimizer, state)
+            say(f"interrupted: checkpoint saved at step {state['step']} in {cfg.out}; --resume continues")
+            finish(world)
             sys.exit(130)
-    if not stopped_early:
-        evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast)
-    save_adapter(model, os.path.join(cfg.out, "final"), base_model_path=os.path.abspath(cfg.model),
-                 overwrite=True)
-    print(f"done: {state['step']} steps, best val loss {state['best_val']:.4f}; adapters in "
-          f"{cfg.out}/best and {cfg.out}/final")
+    if main:
+        if not stopped_early:
+            evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast)
+        save_adapter(model, os.path.join(cfg.out, "final"), base_model_path=os.path.abspath(cfg.model),
+                     overwrite=True)
+        print(f"done: {state['step']} steps, best val loss {state['best_val']:.4f}; adapters in "
+              f"{cfg.out}/best and {cfg.out}/final")
+    finish(world)
     return state
+
+
+def finish(world):
+    if world > 1:
+        dist.barrier()                    # rank 0 has written its files
+        dist.destroy_process_group()
 
 
 def evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast):
