@@ -9,6 +9,7 @@ hs head size.
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -356,7 +357,16 @@ def _read_tensors(file):
     if file.endswith(".bin"):
         import warnings
         warnings.warn(f"{file}: a pickle checkpoint; loading with weights_only=True (prefer safetensors)")
-        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:  # weights_only met an object that is not a tensor: code could run
+            reason = next((line for line in str(err).splitlines() if "GLOBAL" in line), "not a state dict")
+            raise UserError(f"{file}: refused: it holds more than tensors ({reason.strip()})") from None
+        except (RuntimeError, OSError, EOFError) as err:  # truncated, or not a torch.save zip file
+            raise UserError(f"{file}: unreadable pickle checkpoint ({str(err).splitlines()[0]})") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{file}: holds a {type(state).__name__}, not a state dict of tensors")
+        yield from state.items()
         return
     from safetensors import SafetensorError, safe_open
     try:

@@ -262,3 +262,47 @@ def test_bad_model_is_one_line_error_and_the_earlier_run_is_untouched(tmp_path, 
     before = snapshot(earlier_run)
     assert_one_line_error(train_cli(d, squad_file, earlier_run, "--overwrite"), d / file, message)
     assert snapshot(earlier_run) == before
+
+
+# ----------------------------------------------------------------------------- pickle checkpoints
+
+class RunsCode:
+    """Unpickling this calls os.mkdir(marker): what a malicious pytorch_model.bin could do with any function."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def bin_model_dir(tmp_path, name, extra=None):
+    """stories260K with its weights as a pytorch_model.bin (a pickle) instead of safetensors."""
+    d = model_dir(tmp_path, name)
+    tensors = load_file(d / "model.safetensors")
+    os.remove(d / "model.safetensors")
+    torch.save(dict(tensors, **(extra or {})), d / "pytorch_model.bin")
+    return d
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, squad_file, earlier_run):
+    marker = tmp_path / "code-ran"
+    d = bin_model_dir(tmp_path, "evil", {"model.norm.weight": RunsCode(marker)})
+    before = snapshot(earlier_run)
+    assert_one_line_error(train_cli(d, squad_file, earlier_run, "--overwrite"), d / "pytorch_model.bin",
+                          "refused", "posix.mkdir")
+    assert not marker.exists() and snapshot(earlier_run) == before
+    torch.load(d / "pytorch_model.bin", weights_only=False)      # the payload is real: a plain load runs it
+    assert marker.exists()
+
+
+def test_plain_pickle_state_dict_loads_with_a_warning(tmp_path):
+    d = bin_model_dir(tmp_path, "plain")
+    with pytest.warns(UserWarning, match="pytorch_model.bin: a pickle checkpoint; loading with weights_only=True"):
+        ours = M.load_model(str(d))
+    reference = M.load_model(STORIES)
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    torch.testing.assert_close(ours(ids), reference(ids), rtol=0, atol=0)
+    truncate(d / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pytorch_model.bin: unreadable pickle checkpoint"):
+        M.load_model(str(d))
