@@ -30,6 +30,7 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from errors import UserError
@@ -167,8 +168,13 @@ def unmerge_lora(model):
 
 def _write_atomic(path, write):
     tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except (OSError, SafetensorError) as err:  # a full disk: safetensors reports it as SafetensorError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({err}); any earlier version of it is intact") from None
 
 
 def _target_modules(model, wrapped):
@@ -214,10 +220,17 @@ def load_adapter(model, directory):
         with open(config_path) as f:
             cfg = json.load(f)
         tensors = load_file(weights_path)
-    except (OSError, ValueError, RuntimeError) as err:  # bad JSON, a truncated safetensors file
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # bad JSON, a truncated safetensors file
         raise UserError(f"cannot read the adapter in {directory}: {err}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{config_path}: not an adapter config (a JSON object)")
     if cfg.get("peft_type") != "LORA":
         raise UserError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}, not 'LORA'")
+    if not isinstance(cfg.get("r"), int) or not cfg.get("target_modules"):
+        raise UserError(f"{config_path}: a LoRA config needs r and target_modules")
+    # Shapes that do not fit usually mean another base model: say which one the adapter names.
+    trained_on = f" (the adapter was trained on {cfg['base_model_name_or_path']})" \
+        if cfg.get("base_model_name_or_path") else ""
     unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
                                "layers_to_transform", "exclude_modules", "target_parameters",
                                "trainable_token_indices", "layer_replication") if cfg.get(k)]
@@ -244,11 +257,11 @@ def load_adapter(model, directory):
     missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     if missing or unexpected:
         raise UserError(f"{weights_path}: {len(missing)} missing and {len(unexpected)} unexpected keys, "
-                        f"e.g. {(missing + unexpected)[0]}")
+                        f"e.g. {(missing + unexpected)[0]}{trained_on}")
     for key, p in params.items():  # check every shape before changing anything
         if tensors[key].shape != p.shape:
             raise UserError(f"{weights_path}: key {key} has shape {tuple(tensors[key].shape)}, "
-                            f"model expects {tuple(p.shape)}")
+                            f"model expects {tuple(p.shape)}{trained_on}")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key])

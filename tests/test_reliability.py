@@ -306,3 +306,68 @@ def test_plain_pickle_state_dict_loads_with_a_warning(tmp_path):
     truncate(d / "pytorch_model.bin")
     with pytest.raises(UserError, match="pytorch_model.bin: unreadable pickle checkpoint"):
         M.load_model(str(d))
+
+
+# ----------------------------------------------------------------------------- bad adapters (evaluate.py)
+
+def make_adapter(directory, base=STORIES, rank=16, targets="all-linear"):
+    torch.manual_seed(0)
+    model = M.load_model(str(base))
+    apply_lora(model, rank, 2.0 * rank, 0.0, targets)
+    save_adapter(model, str(directory), base_model_path=str(base))
+    return directory
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """A random Llama with stories260K's tokenizer but a different width: an adapter's shapes cannot fit."""
+    d = tmp_path_factory.mktemp("other") / "model"
+    shutil.copytree(STORIES, d)
+    edit_config(d, hidden_size=32, head_dim=4)
+    torch.manual_seed(0)
+    model = M.Transformer(M.Config.from_hf(str(d)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("model.")},
+              d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+BAD_ADAPTERS = [  # (case, edit of a fresh stories260K adapter directory, what the message says)
+    ("empty", lambda a: [os.remove(a / f) for f in os.listdir(a)], "adapter_config.json: no such file"),
+    ("no-weights", lambda a: os.remove(a / "adapter_model.safetensors"), "no adapter_model.safetensors in"),
+    ("config-not-json", lambda a: (a / "adapter_config.json").write_text("{"), "cannot read the adapter in"),
+    ("truncated", lambda a: truncate(a / "adapter_model.safetensors"), "cannot read the adapter in"),
+    ("rank", lambda a: edit_json(a / "adapter_config.json", r=8), "has shape (16, 64), model expects (8, 64)"),
+    ("targets", lambda a: edit_json(a / "adapter_config.json", target_modules=["q_proj", "v_proj"]),
+     "0 missing and 50 unexpected keys"),
+    ("no-such-target", lambda a: edit_json(a / "adapter_config.json", target_modules=["c_attn"]),
+     "LoRA targets ['c_attn'] match no linear layer"),
+    ("not-lora", lambda a: edit_json(a / "adapter_config.json", peft_type="PREFIX_TUNING"), "not 'LORA'"),
+    ("config-list", lambda a: (a / "adapter_config.json").write_text("[]"), "not an adapter config"),
+    ("no-rank", lambda a: edit_json(a / "adapter_config.json", r=None), "a LoRA config needs r and target_modules"),
+]
+
+
+@pytest.mark.parametrize("case,edit,message", BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
+def test_bad_adapter_is_one_line_error_and_earlier_results_are_untouched(tmp_path, squad_file, earlier_run,
+                                                                         case, edit, message):
+    adapter = make_adapter(tmp_path / "adapter")
+    edit(adapter)
+    before = snapshot(earlier_run)
+    result = cli("evaluate.py", "--model", STORIES, "--adapter", adapter, "--data", squad_file, "--limit", 2,
+                 "--max-new-tokens", 4, "--out", earlier_run, "--overwrite")
+    assert_one_line_error(result, adapter, message)
+    assert snapshot(earlier_run) == before
+
+
+def test_adapter_of_another_base_model_is_refused(tmp_path, squad_file, other_base, earlier_run):
+    adapter = make_adapter(tmp_path / "adapter", base=other_base)
+    before = snapshot(earlier_run)
+    result = cli("evaluate.py", "--model", STORIES, "--adapter", adapter, "--data", squad_file, "--limit", 2,
+                 "--out", earlier_run, "--overwrite")
+    assert_one_line_error(result, adapter / "adapter_model.safetensors", "model expects (16, 64)",
+                          f"trained on {other_base}")
+    assert snapshot(earlier_run) == before
