@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 
-from data import IGNORE_INDEX, collate, load_examples, prepare, show_example, split_examples
+from data import FORMATS, IGNORE_INDEX, collate, load_examples, prepare, show_example, split_examples
 from errors import UserError, run_cli
 from lora import apply_lora, format_parameter_report, parameter_report, save_adapter
-from model import load_model
+from model import Config, load_model
 from quant import format_memory_report, memory_report
 from tokenizer import load_tokenizer
 
@@ -84,6 +84,13 @@ def validate(cfg):
               (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
               (0 <= cfg.holdout < 1 and 0 <= cfg.val_fraction < 1, "--holdout and --val-fraction are in [0, 1)"),
               (cfg.eval_every > 0 and cfg.log_every > 0, "--eval-every and --log-every must be > 0"),
+              (cfg.limit >= 0 and cfg.val_max >= 0, "--limit and --val-max must be >= 0"),
+              (cfg.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {cfg.max_grad_norm}"),
+              (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype {cfg.dtype!r}: use auto, float32 or bfloat16"),
+              (cfg.format in ("", *FORMATS), f"--format {cfg.format!r}: use one of {', '.join(FORMATS)}"),
+              (cfg.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"), f"--device {cfg.device!r}: use auto, "
+               "cpu, cuda or mps"),
+              (not os.path.isfile(cfg.out), f"--out {cfg.out} is a file, not a directory"),
               (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
               (os.path.exists(cfg.data), f"{cfg.data}: no such file"),
               (os.path.isdir(cfg.model), f"{cfg.model}: no such model directory")]
@@ -92,13 +99,20 @@ def validate(cfg):
             raise UserError(message)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available")
+    positions = Config.from_hf(cfg.model).max_seq_len
+    if cfg.max_seq_len > positions:
+        raise UserError(f"--max-seq-len {cfg.max_seq_len} is beyond the model's {positions} positions")
     if cfg.quantize != "none" and resolve_device(cfg.device) == "mps":
         raise UserError("--quantize on MPS: bitsandbytes 4-bit layers need CUDA or a CPU; use --quantize none")
     done = os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{cfg.out} holds an earlier run: pass --resume to continue it or --overwrite")
     if cfg.resume and not done:
-        raise UserError(f"--resume: no checkpoint.pt in {cfg.out}")
+        hint = "; the run stopped before its first checkpoint: start it again with --overwrite" \
+            if os.path.isdir(cfg.out) and os.listdir(cfg.out) else ""
+        raise UserError(f"--resume: no checkpoint.pt in {cfg.out}{hint}")
 
 
 def resolve_device(name):
@@ -471,8 +485,13 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux reports KiB
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2 through run_cli, like every other UserError
+        raise UserError(message)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or isinstance(f.default, bool):

@@ -371,3 +371,54 @@ def test_adapter_of_another_base_model_is_refused(tmp_path, squad_file, other_ba
     assert_one_line_error(result, adapter / "adapter_model.safetensors", "model expects (16, 64)",
                           f"trained on {other_base}")
     assert snapshot(earlier_run) == before
+
+
+# ----------------------------------------------------------------------------- options that cannot work
+
+BAD_OPTIONS = [  # (extra options, what the message says); TRAIN_FAST's values come first, so these win
+    (["--max-seq-len", "0"], "--max-seq-len must be > 0, got 0"),
+    (["--max-seq-len", "4096"], "--max-seq-len 4096 is beyond the model's 512 positions"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--lr=-1e-4"], "--lr must be > 0, got -0.0001"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--rank", "0"], "--rank must be > 0"),
+    (["--batch-size", "0"], "--batch-size and --grad-accum must be > 0"),
+    (["--max-steps", "0", "--epochs", "0"], "give --max-steps > 0 or --epochs > 0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--limit", "-5"], "--limit and --val-max must be >= 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
+    (["--quantize", "int8"], "--quantize 'int8': use nf4, fp4 or none"),
+    (["--dtype", "float64"], "--dtype 'float64': use auto, float32 or bfloat16"),
+    (["--format", "alpaca"], "--format 'alpaca'"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--device", "mps"], "--device mps: MPS is not available"),
+    (["--device", "cuda"], "--device cuda: no CUDA device is available"),
+    (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    (["--resume"], "--resume: no checkpoint.pt in"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="expects a CPU-only machine")
+@pytest.mark.parametrize("extra,message", BAD_OPTIONS, ids=[" ".join(c[0]) for c in BAD_OPTIONS])
+def test_impossible_options_are_refused_before_anything_loads(monkeypatch, tmp_path, squad_file, extra, message):
+    import data
+    import tokenizer
+    no_model_load(monkeypatch)
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda *a: pytest.fail("the tokenizer was loaded"))
+    monkeypatch.setattr(data, "load_examples", lambda *a: pytest.fail("the data was loaded"))
+    t0 = time.perf_counter()
+    result = train_cli(STORIES, squad_file, tmp_path / "out", *extra)
+    assert time.perf_counter() - t0 < 1.0
+    assert_one_line_error(result, message)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_out_that_is_a_file_or_an_earlier_run_is_refused(monkeypatch, tmp_path, squad_file, earlier_run):
+    no_model_load(monkeypatch)
+    (tmp_path / "file").write_text("mine")
+    assert_one_line_error(train_cli(STORIES, squad_file, tmp_path / "file"), "is a file, not a directory")
+    before = snapshot(earlier_run)
+    assert_one_line_error(train_cli(STORIES, squad_file, earlier_run), earlier_run,
+                          "holds an earlier run: pass --resume to continue it or --overwrite")
+    assert snapshot(earlier_run) == before and (tmp_path / "file").read_text() == "mine"
