@@ -247,3 +247,78 @@ def format_memory_report(r):
         line += (f"; 4-bit weights {(r['quantized_weight_bytes'] + r['quant_state_bytes']) / mib:.2f} MiB for "
                  f"{r['quantized_params']:,} params ({r['bits_per_param']:.3f} bits/param)")
     return line
+
+
+# ----------------------------------------------------------------------------- planning memory
+
+def _block_linears(cfg):
+    """One block's linears as (name, in, out), grouped by the activation they read."""
+    C, H, q, kv = cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    if cfg.arch == "gpt2":
+        return [[("attn.c_attn", C, 3 * C)], [("attn.c_proj", C, C)], [("mlp.c_fc", C, H)], [("mlp.c_proj", H, C)]]
+    return [[("q_proj", C, q), ("k_proj", C, kv), ("v_proj", C, kv)], [("o_proj", q, C)],
+            [("gate_proj", C, H), ("up_proj", C, H)], [("down_proj", H, C)]]
+
+
+def activation_bytes_per_token(cfg, *, rank, targets, dtype, dropout, device="cuda"):
+    """Bytes autograd keeps for backward, per token of one block (tests/test_memory.py counts them)."""
+    d, C, H = torch.finfo(dtype).bits // 8, cfg.dim, cfg.hidden_dim
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    # dropout's keep-mask and LayerNorm's statistics: bool and fp32 on CUDA, the input's dtype on a CPU
+    mask, stat = (1, 4) if device == "cuda" else (d, d)
+    if cfg.arch == "gpt2":   # LayerNorm keeps its input, mean and rstd; attention q, k, v, output; GELU its input
+        total = 2 * (d * C + 2 * stat) + d * 4 * C + 4 * cfg.n_heads + d * H
+    else:                    # RMSNorm keeps an fp32 copy; attention q, k, v, output + fp32 logsumexp; SwiGLU 3
+        total = 2 * (4 * C + 4) + d * (2 * q + 2 * kv) + 4 * cfg.n_heads + 3 * d * H
+    for g, group in enumerate(_block_linears(cfg)):
+        n = sum(targets == "all-linear" or any(("." + name).endswith("." + t) for t in targets)
+                for name, _, _ in group)
+        width = group[0][1]
+        if dropout:
+            total += n * (mask + d) * width      # each adapter's dropout keeps its mask and its output
+        elif n and g != 1:
+            total += d * width                   # the shared input, for A's gradient (o_proj's is the attention output)
+        total += n * d * rank                    # x A^T, for B's gradient
+    return total
+
+
+def estimate_memory(cfg, *, quantize, rank, targets, batch_size, max_seq_len, dtype, grad_checkpointing,
+                    dropout=0.05, double_quant=True, answer_tokens=32, device="cuda"):
+    """Peak bytes of a QLoRA training step, from the config alone (no weights), as a dict of parts.
+
+    Assumes every sequence padded to max_seq_len, `answer_tokens` supervised tokens per example, AdamW
+    in fp32 and fused attention (no T x T matrix). Counts tensors, not the CUDA context (~0.5 GB more).
+    """
+    d = torch.finfo(dtype).bits // 8
+    linears = [lin for group in _block_linears(cfg) for lin in group]
+    n_block = cfg.n_layers * sum(i * o for _, i, o in linears)
+    if quantize:   # 4 bits per value + one absmax per 64 values: 8 bits (+ fp32 per 256 absmax) or fp32
+        weights = n_block / 2 + n_block / BLOCKSIZE * ((1 + 4 / ABSMAX_BLOCKSIZE) if double_quant else 4)
+    else:
+        weights = n_block * d
+    weights += (cfg.n_params() - n_block) * d                 # embedding, LM head, norms, biases in `dtype`
+    chosen = [(i, o) for name, i, o in linears
+              if targets == "all-linear" or any(("." + name).endswith("." + t) for t in targets)]
+    lora_params = cfg.n_layers * sum(rank * (i + o) for i, o in chosen)
+    per_layer = activation_bytes_per_token(cfg, rank=rank, targets=targets, dtype=dtype, dropout=dropout,
+                                           device=device)
+    tokens = batch_size * max_seq_len
+    # Saved for backward: every block's tensors, or with checkpointing only each block's input.
+    saved = tokens * (cfg.n_layers * (d * cfg.dim if grad_checkpointing else per_layer))
+    # On top of that at the peak, the larger of: the LM head's backward (it sees only the supervised
+    # positions, 1024 at a time: logits in `dtype`, fp32 copies for log-softmax and its gradient), and one
+    # block's backward (gradients of its widest tensors; with checkpointing also its recomputed tensors).
+    # Plus one dequantized weight.
+    head_rows = min(1024, batch_size * answer_tokens)
+    block = tokens * (d * (cfg.dim + 3 * cfg.hidden_dim) + per_layer * grad_checkpointing)
+    working = max(head_rows * cfg.vocab_size * (2 * d + 16), block)
+    working += d * max(i * o for _, i, o in linears) if quantize else 0
+    parts = dict(weights=weights, lora=16 * lora_params, activations=saved, working=working)
+    return {k: int(v) for k, v in parts.items()} | dict(total=int(sum(parts.values())), lora_params=lora_params)
+
+
+def format_estimate(e):
+    gib = 2**30
+    return (f"memory estimate {e['total'] / gib:.2f} GiB: weights {e['weights'] / gib:.2f} + LoRA with AdamW "
+            f"{e['lora'] / gib:.2f} + activations {e['activations'] / gib:.2f} + backward "
+            f"{e['working'] / gib:.2f}")
