@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -221,10 +222,13 @@ def write_atomic(path, save):
     try:
         save(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write (a full disk) as RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not write {path} ({err.strerror or err}); the previous file is intact") from None
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
+        reason = str(err.strerror if isinstance(err, OSError) and err.strerror else err).splitlines()[0]
+        raise UserError(f"could not write {path} ({reason}; {free:.0f} MiB free there); "
+                        "the previous file is intact") from None
 
 
 def save_checkpoint(cfg, model, optimizer, state):
@@ -265,8 +269,12 @@ def trim_metrics(cfg, step):
     path = os.path.join(cfg.out, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        write_atomic(path, lambda tmp: open(tmp, "w").writelines(kept))
+            kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= step]
+
+        def write(tmp):  # a line cut short by a full disk has no "}\n" and is dropped too
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+        write_atomic(path, write)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -346,7 +354,9 @@ def train(cfg):
     if cfg.resume:
         trim_metrics(cfg, state["step"])
     elif cfg.overwrite:
-        for name in ("metrics.jsonl", "checkpoint.pt"):
+        # An earlier run's adapters go too: a new run stopped early must not leave them looking like its own.
+        for name in ("metrics.jsonl", "checkpoint.pt", "best/adapter_model.safetensors", "best/adapter_config.json",
+                     "final/adapter_model.safetensors", "final/adapter_config.json"):
             if os.path.exists(os.path.join(cfg.out, name)):
                 os.remove(os.path.join(cfg.out, name))
     with open(os.path.join(cfg.out, "run.json.tmp"), "w") as f:
@@ -379,8 +389,8 @@ def train_loop(cfg, ddp, model, optimizer, state, train_set, val_set, tok, total
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not (main and sys.stderr.isatty()))
     t0, tokens_since = time.time(), 0
-    stopped_early = False
-    while state["step"] < total_steps:
+    stopped_early = bool(cfg.patience) and state["bad_evals"] >= cfg.patience   # resumed after it stopped
+    while not stopped_early and state["step"] < total_steps:
         step = state["step"]
         # 1. learning rate for this step
         lr = lr_at(step, cfg, total_steps)
@@ -410,16 +420,19 @@ def train_loop(cfg, ddp, model, optimizer, state, train_set, val_set, tok, total
                 (nll * world / n_window).backward()
             loss_sum += nll.item()
         loss = all_ranks_sum(loss_sum, world, device) / n_window
-        if not math.isfinite(loss):
+        # 4. clip, step, zero; a NaN / inf loss or gradient must never reach the weights (nor a checkpoint)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             if cfg.skip_nonfinite:
-                say(f"step {step}: non-finite loss, batch skipped")
+                say(f"step {step}: loss {loss}, gradient norm {grad_norm}: batch skipped")
+                if main:
+                    log_metrics(cfg, dict(step=step + 1, skipped="non-finite loss or gradient"))
                 state["step"] += 1
                 continue
-            raise UserError(f"step {step}: loss is {loss}; stopped. The last good checkpoint is "
-                            f"{os.path.join(cfg.out, 'checkpoint.pt')} (--skip-nonfinite skips such batches)")
-        # 4. clip, step, zero
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            raise UserError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopped. The last good "
+                            f"checkpoint is {os.path.join(cfg.out, 'checkpoint.pt')} (--resume --skip-nonfinite "
+                            "continues from it, skipping such batches)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
@@ -445,7 +458,7 @@ def train_loop(cfg, ddp, model, optimizer, state, train_set, val_set, tok, total
             finish(world)
             sys.exit(130)
     if main:
-        if not stopped_early:
+        if not stopped_early and state["last_eval"] != state["step"]:   # resumed after the final checkpoint
             evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast)
         save_adapter(model, os.path.join(cfg.out, "final"), base_model_path=os.path.abspath(cfg.model),
                      overwrite=True)

@@ -422,3 +422,280 @@ def test_out_that_is_a_file_or_an_earlier_run_is_refused(monkeypatch, tmp_path, 
     assert_one_line_error(train_cli(STORIES, squad_file, earlier_run), earlier_run,
                           "holds an earlier run: pass --resume to continue it or --overwrite")
     assert snapshot(earlier_run) == before and (tmp_path / "file").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- interruption and resume
+
+RUN = ["--max-seq-len", "192", "--batch-size", "2", "--grad-accum", "2", "--limit", "40", "--val-max", "3",
+       "--eval-every", "3", "--log-every", "1", "--dropout", "0.1", "--lr", "1e-3", "--dtype", "float32",
+       "--max-steps", "12"]
+STEPS, EVERY, ACCUM = 12, 3, 2
+
+
+class Killed(BaseException):
+    """Stands for the process dying at this point (nothing catches a BaseException in train.py)."""
+
+
+def train_in_process(data, out, *extra):
+    """train.train() on RUN's settings; its stdout."""
+    cfg = T.parse_args(["--model", STORIES, "--data", str(data), "--out", str(out), *RUN, *extra])
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        T.train(cfg)
+    return log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, squad_file):
+    """The uninterrupted run every interrupted one must reproduce bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train_in_process(squad_file, out)
+    torch.set_num_threads(threads)
+    return out
+
+
+def records(out):
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_run(out, reference):
+    """Identical adapters (best and final) and a log with every step once, with the reference's numbers."""
+    for adapter in ("final", "best"):
+        ours, theirs = (load_file(d / adapter / "adapter_model.safetensors") for d in (out, reference))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), adapter
+    fields = lambda r: {k: v for k, v in r.items() if k in ("step", "loss", "lr", "grad_norm", "val_loss")}  # noqa
+    ours, theirs = [fields(r) for r in records(out)], [fields(r) for r in records(reference)]
+    assert [r["step"] for r in ours if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in ours if "val_loss" in r] == list(range(0, STEPS + 1, EVERY))
+    assert sorted(ours, key=lambda r: (r["step"], "loss" in r)) == \
+        sorted(theirs, key=lambda r: (r["step"], "loss" in r))
+
+
+def start(data, out, *extra):
+    return subprocess.Popen([sys.executable, "train.py", "--model", STORIES, "--data", str(data), "--out", str(out),
+                             *RUN, *extra], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+
+
+def read_until(proc, prefix):
+    """Read the run's stdout up to a line starting with `prefix`; False if it ended first."""
+    return any(line.startswith(prefix) for line in proc.stdout)
+
+
+def step_line(k):
+    return f'{{"step": {k}, "loss"'
+
+
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(tmp_path, squad_file, reference):
+    out, rng = tmp_path / "run", random.Random(7)
+    # Killed before its first checkpoint (the step-0 validation has not run yet): nothing to resume.
+    proc = start(squad_file, out)
+    assert read_until(proc, "device ")
+    proc.kill()
+    proc.wait()
+    assert (out / "run.json").exists() and not (out / "checkpoint.pt").exists()
+    assert_one_line_error(cli("train.py", "--model", STORIES, "--data", squad_file, "--out", out, *RUN, "--resume"),
+                          f"--resume: no checkpoint.pt in {out}; the run stopped before its first checkpoint: "
+                          "start it again with --overwrite")
+    # Start again, and kill it three times at random points, each followed by --resume.
+    flags = "--overwrite"
+    for k in sorted(rng.sample(range(1, STEPS), 3)):
+        proc = start(squad_file, out, flags)
+        assert read_until(proc, step_line(k))
+        time.sleep(rng.uniform(0, 0.3))          # somewhere inside the next step, validation or a save
+        proc.kill()
+        proc.wait()
+        flags = "--resume"
+    proc = start(squad_file, out, "--resume")
+    proc.stdout.read()
+    assert proc.wait() == 0
+    assert_same_run(out, reference)
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_to_the_same_adapter(tmp_path, squad_file, reference):
+    out = tmp_path / "run"
+    proc = start(squad_file, out)
+    assert read_until(proc, step_line(4))
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait() == 130
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"]
+    assert f"interrupted: checkpoint saved at step {saved} in {out}; --resume continues" in rest
+    assert 4 <= saved < STEPS and not (out / "final").exists()
+    proc = start(squad_file, out, "--resume")
+    proc.stdout.read()
+    assert proc.wait() == 0
+    assert_same_run(out, reference)
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
+    """Write half a file, then die (SIGKILL) before the rename: the old checkpoint is still whole."""
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save({"step": 3}, path)
+    before = open(path, "rb").read()
+    pid = os.fork()
+    if pid == 0:                                                     # the child dies mid-write
+        T.write_atomic(path, lambda tmp: (open(tmp, "wb").write(before[:10]), os.kill(os.getpid(), signal.SIGKILL)))
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    assert open(path, "rb").read() == before and torch.load(path, weights_only=True) == {"step": 3}
+
+
+def test_a_kill_after_the_final_checkpoint_resumes_without_repeating_anything(monkeypatch, tmp_path, squad_file,
+                                                                             reference):
+    real = T.save_adapter
+
+    def dies_before_final(model, directory, **kw):
+        if directory.endswith("final"):
+            raise Killed
+        real(model, directory, **kw)
+    monkeypatch.setattr(T, "save_adapter", dies_before_final)
+    with pytest.raises(Killed):
+        train_in_process(squad_file, tmp_path / "run")
+    monkeypatch.undo()
+    train_in_process(squad_file, tmp_path / "run", "--resume")
+    assert_same_run(tmp_path / "run", reference)        # one val_loss at the last step, not two
+
+
+def test_a_run_that_stopped_early_stays_stopped_on_resume(monkeypatch, tmp_path, squad_file):
+    real = T.save_adapter
+
+    def dies_before_final(model, directory, **kw):
+        if directory.endswith("final"):
+            raise Killed
+        real(model, directory, **kw)
+    monkeypatch.setattr(T, "save_adapter", dies_before_final)
+    stop = ["--patience", "1", "--lr", "1e-30"]                # the validation loss never improves
+    with pytest.raises(Killed):
+        train_in_process(squad_file, tmp_path / "run", *stop)
+    monkeypatch.undo()
+    log = train_in_process(squad_file, tmp_path / "run", "--resume", *stop)
+    assert "done: 3 steps" in log
+    assert max(r["step"] for r in records(tmp_path / "run")) == EVERY
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+
+def poison(monkeypatch, step, what):
+    """Make the loss (what="loss") or only the gradient (what="grad") of optimizer step `step` NaN."""
+    real, calls = T.masked_loss_sum, []
+
+    def patched(model, input_ids, labels, chunk=1024):
+        total, n = real(model, input_ids, labels, chunk)
+        if torch.is_grad_enabled():                        # a training micro-batch, not validation
+            calls.append(None)
+            if len(calls) == step * ACCUM + 1:
+                # sqrt(z^2) at z = 0 is 0 forward, but its backward is inf * 0 = NaN
+                z = total - total.detach()
+                total = total * float("nan") if what == "loss" else total + torch.sqrt(z * z)
+        return total, n
+    monkeypatch.setattr(T, "masked_loss_sum", patched)
+
+
+def lora_tensors(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("what", ["loss", "grad"])
+def test_nonfinite_step_stops_with_the_last_good_checkpoint_intact(monkeypatch, tmp_path, squad_file, reference,
+                                                                   what):
+    out = tmp_path / "run"
+    # Step 8 is the one before a checkpoint: a NaN that reached the weights would be saved at step 9.
+    poison(monkeypatch, 8, what)
+    with pytest.raises(UserError, match=rf"step 8: loss .*, gradient norm nan; stopped. The last good checkpoint "
+                                        rf"is {out}/checkpoint.pt \(--resume --skip-nonfinite"):
+        train_in_process(squad_file, out)
+    saved = lora_tensors(out)
+    assert saved["state"]["step"] == 6 and all(t.isfinite().all() for t in saved["lora"].values())
+    monkeypatch.undo()                                   # the fault was transient: resuming finishes the run
+    train_in_process(squad_file, out, "--resume")
+    assert_same_run(out, reference)
+
+
+def test_skip_nonfinite_skips_the_bad_batch_and_finishes(monkeypatch, tmp_path, squad_file):
+    out = tmp_path / "run"
+    poison(monkeypatch, 4, "loss")
+    log = train_in_process(squad_file, out, "--skip-nonfinite")
+    assert "step 4: loss nan, gradient norm nan: batch skipped" in log and "done: 12 steps" in log
+    log = records(out)
+    assert [r["step"] for r in log if "skipped" in r] == [5]
+    assert [r["step"] for r in log if "loss" in r] == [s for s in range(1, STEPS + 1) if s != 5]
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in log if "loss" in r)  # no NaN
+    for adapter in ("best", "final"):
+        assert all(t.isfinite().all() for t in load_file(out / adapter / "adapter_model.safetensors").values())
+
+
+def test_weights_that_overflow_stop_the_run_with_a_message(tmp_path, squad_file):
+    """A base whose weights overflow: the step-0 validation loss is already NaN, the first step stops."""
+    d = model_dir(tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][:] = 3e38       # fp32 max is 3.4e38: inf after a sum
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    result = cli("train.py", "--model", d, "--data", squad_file, "--out", tmp_path / "run", *RUN, "--quantize", "none")
+    assert_one_line_error(result, "step 0: loss nan, gradient norm nan; stopped")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["step"] == 0
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+@contextlib.contextmanager
+def disk_full_after(nbytes):
+    """Make every write past `nbytes` of a file fail, as on a full disk (RLIMIT_FSIZE; no root needed)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # fail the write (EFBIG) instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+
+
+def fails_on_call(monkeypatch, name, n):
+    """Let T.<name>'s n-th call hit a full disk."""
+    real, calls = getattr(T, name), []
+
+    def patched(*args, **kwargs):
+        calls.append(None)
+        if len(calls) != n:
+            return real(*args, **kwargs)
+        with disk_full_after(4096):
+            return real(*args, **kwargs)
+    monkeypatch.setattr(T, name, patched)
+
+
+def temp_files(out):
+    return [os.path.join(r, f) for r, _, names in os.walk(out) for f in names if ".tmp" in f]
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch, tmp_path, squad_file, reference):
+    out = tmp_path / "run"
+    fails_on_call(monkeypatch, "save_checkpoint", 3)                 # the checkpoint of step 6
+    with pytest.raises(UserError, match=rf"could not write {out}/checkpoint.pt \(.*MiB free there\); "
+                                        "the previous file is intact"):
+        train_in_process(squad_file, out)
+    assert lora_tensors(out)["state"]["step"] == 3 and temp_files(out) == []
+    monkeypatch.undo()                                   # space freed: resume and finish
+    train_in_process(squad_file, out, "--resume")
+    assert_same_run(out, reference)
+
+
+def test_full_disk_while_saving_an_adapter_keeps_the_previous_one(monkeypatch, tmp_path, squad_file):
+    out, real, calls, before = tmp_path / "run", T.save_adapter, [], {}
+
+    def fails_second_time(model, directory, **kwargs):                # best/ after its first improvement
+        calls.append(directory)
+        if len(calls) == 1:
+            return real(model, directory, **kwargs)
+        before.update(snapshot(directory))
+        with disk_full_after(4096):
+            return real(model, directory, **kwargs)
+    monkeypatch.setattr(T, "save_adapter", fails_second_time)
+    with pytest.raises(UserError, match=rf"could not write {out}/best/adapter_model.safetensors \(.*\); "
+                                        "any earlier version of it is intact"):
+        train_in_process(squad_file, out)
+    assert before and snapshot(out / "best") == before and temp_files(out) == []
