@@ -185,13 +185,16 @@ def test_bad_data_is_one_line_error_and_the_earlier_run_is_untouched(monkeypatch
     assert snapshot(earlier_run) == before
 
 
-def test_bad_data_in_a_real_process_prints_one_line_only(tmp_path):
-    """The process, imports included (bitsandbytes prints warnings on some machines), writes one line."""
+def test_real_processes_print_one_line_only(tmp_path):
+    """The processes, imports included (bitsandbytes prints warnings on some machines), write one line."""
     path = tmp_path / "start.json"
     path.write_bytes(squad_with(lambda d, qa: set_answer_start(qa, 1)))
     result = subprocess_cli("train.py", "--model", STORIES, "--data", path, "--out", tmp_path / "out")
     assert_one_line_error(result, path, "answer_start 178 does not match the answer 'Denver Broncos'")
     assert result[1] == "" and not os.path.exists(tmp_path / "out")
+    (tmp_path / "adapter").mkdir()
+    result = subprocess_cli("evaluate.py", "--model", STORIES, "--adapter", tmp_path / "adapter", "--data", path)
+    assert_one_line_error(result, "--adapter", tmp_path / "adapter" / "adapter_config.json", "no such file")
 
 
 # ----------------------------------------------------------------------------- bad models and tokenizers
@@ -507,7 +510,8 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(tm
         assert read_until(proc, step_line(k))
         time.sleep(rng.uniform(0, 0.3))          # somewhere inside the next step, validation or a save
         proc.kill()
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL     # it died mid-run, and left a whole checkpoint
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] <= k
         flags = "--resume"
     proc = start(squad_file, out, "--resume")
     proc.stdout.read()
@@ -679,6 +683,8 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch
                                         "the previous file is intact"):
         train_in_process(squad_file, out)
     assert lora_tensors(out)["state"]["step"] == 3 and temp_files(out) == []
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')                       # a full disk can cut a log line short too
     monkeypatch.undo()                                   # space freed: resume and finish
     train_in_process(squad_file, out, "--resume")
     assert_same_run(out, reference)
@@ -699,3 +705,13 @@ def test_full_disk_while_saving_an_adapter_keeps_the_previous_one(monkeypatch, t
                                         "any earlier version of it is intact"):
         train_in_process(squad_file, out)
     assert before and snapshot(out / "best") == before and temp_files(out) == []
+
+
+def test_overwrite_removes_the_earlier_runs_adapters_before_training(monkeypatch, tmp_path, squad_file, earlier_run):
+    """A new run killed early must not leave the old final/ adapter looking like its own."""
+    monkeypatch.setattr(T, "save_checkpoint", lambda *a: (_ for _ in ()).throw(Killed))   # dies at step 0
+    with pytest.raises(Killed):
+        train_in_process(squad_file, earlier_run, "--overwrite")
+    assert not (earlier_run / "final" / "adapter_model.safetensors").exists()
+    assert not (earlier_run / "checkpoint.pt").exists()
+    assert [r["step"] for r in records(earlier_run)] == [0]         # the new run's step-0 validation only
