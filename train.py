@@ -2,6 +2,16 @@
 
 A frozen (4-bit) base, LoRA adapters on its linears, a masked next-token loss over the answer tokens,
 AdamW, warmup + cosine schedule, periodic validation with early stopping, and one resumable checkpoint.
+
+With no options it runs the main job on defaults suited to the hardware it finds (defaults_for):
+  CUDA GPU    meta-llama/Llama-3.1-8B-Instruct in NF4 (gated: accept its licence, then HF_TOKEN or
+              `hf auth login`), all of SQuAD 2.0 train, batch 4 x 512 tokens, gradient checkpointing
+  CPU / MPS   SmolLM2-135M-Instruct (weights/smollm2-135m-instruct if present), 1000 SQuAD 2.0 train
+              questions, batch 8 x 256 tokens: minutes on a laptop (MPS: --quantize none)
+--model takes a model directory or a Hugging Face id, --data a file or squad1 / squad2 (the official
+training file); what is missing is downloaded once into $QLORA_CACHE (default ~/.cache/qlora-from-scratch).
+--estimate prints the memory plan and exits without loading weights (--model may also be a preset such
+as llama-3-8b, or a comma list of them for a table).
 """
 import argparse
 import contextlib
@@ -26,17 +36,19 @@ from torch.utils.data import DistributedSampler
 from data import FORMATS, IGNORE_INDEX, collate, load_examples, prepare, show_example, split_examples
 from errors import UserError, run_cli
 from lora import apply_lora, format_parameter_report, parameter_report, save_adapter
-from model import Config, load_model
-from quant import format_memory_report, memory_report
+from download import resolve_data, resolve_model
+from model import PRESETS, Config, load_model
+from quant import estimate_memory, format_estimate, format_memory_report, memory_report
 from tokenizer import load_tokenizer
 
 
 @dataclass
 class TrainConfig:
-    model: str = ""                 # Hugging Face model directory (config.json, safetensors, tokenizer)
-    data: str = ""                  # SQuAD v1.1 / v2.0 JSON, or instruction JSON / JSONL
+    # "" / 0 / -1 / None below: chosen for the device by defaults_for
+    model: str = ""                 # model directory (config.json, safetensors, tokenizer) or Hugging Face id
+    data: str = ""                  # SQuAD v1.1 / v2.0 JSON, instruction JSON / JSONL, or squad1 / squad2
     out: str = "runs/qlora"         # adapter, checkpoint and metrics.jsonl go here
-    quantize: str = "nf4"           # nf4 | fp4 | none: how the frozen base is stored
+    quantize: str = ""              # nf4 | fp4 | none: how the frozen base is stored; "": nf4 (none on MPS)
     double_quant: bool = True       # 8-bit absmax scales: ~0.37 fewer bits per parameter
     rank: int = 16
     alpha: float = 32.0
@@ -47,20 +59,20 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1       # the cosine ends at lr * min_lr_ratio
-    batch_size: int = 4             # examples per micro-batch
+    batch_size: int = 0             # examples per micro-batch; 0: 4 on a GPU, 8 on a CPU
     grad_accum: int = 4             # micro-batches per optimizer step
     max_steps: int = 0              # optimizer steps; 0: derived from epochs
     epochs: float = 1.0
-    max_seq_len: int = 512          # longer prompts get their context cut around the answer
+    max_seq_len: int = 0            # longer prompts get their context cut around the answer; 0: 512 GPU, 256 CPU
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"        # adamw | adamw8bit | paged_adamw8bit (bitsandbytes)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = None  # recompute each block in backward; None: on for a GPU, off for a CPU
     holdout: float = 0.0            # share of articles never trained on (evaluate.py --holdout selects them)
     val_fraction: float = 0.05      # share of the remaining articles used for validation loss
     val_max: int = 200              # at most this many validation examples (keeps evaluation cheap)
     eval_every: int = 50            # optimizer steps between validations (and checkpoints)
     patience: int = 0               # stop after this many validations without improvement; 0: never
-    limit: int = 0                  # train on at most this many examples; 0: all
+    limit: int = -1                 # train on at most this many examples; 0: all; -1: all on a GPU, 1000 on a CPU
     format: str = ""                # prompt format; "": the tokenizer's own (plain, llama2, llama3, chatml)
     device: str = "auto"            # auto: cuda > mps > cpu
     dtype: str = "auto"             # auto: bfloat16 where supported on the device, else float32
@@ -69,14 +81,14 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     skip_nonfinite: bool = False    # skip a batch whose loss is NaN / inf instead of stopping
+    estimate: bool = False          # print the memory estimate for these settings and exit (loads no weights)
 
 
 # ----------------------------------------------------------------------------- setup
 
 def validate(cfg):
     """Reject impossible options before anything is loaded."""
-    checks = [(cfg.model, "--model is required"), (cfg.data, "--data is required"),
-              (cfg.quantize in ("nf4", "fp4", "none"), f"--quantize {cfg.quantize!r}: use nf4, fp4 or none"),
+    checks = [(cfg.quantize in ("nf4", "fp4", "none"), f"--quantize {cfg.quantize!r}: use nf4, fp4 or none"),
               (cfg.optimizer in ("adamw", "adamw8bit", "paged_adamw8bit"), f"--optimizer {cfg.optimizer!r}"),
               (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"), (cfg.rank > 0, f"--rank must be > 0, got {cfg.rank}"),
               (cfg.max_seq_len > 0, f"--max-seq-len must be > 0, got {cfg.max_seq_len}"),
@@ -92,9 +104,7 @@ def validate(cfg):
               (cfg.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"), f"--device {cfg.device!r}: use auto, "
                "cpu, cuda or mps"),
               (not os.path.isfile(cfg.out), f"--out {cfg.out} is a file, not a directory"),
-              (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
-              (os.path.exists(cfg.data), f"{cfg.data}: no such file"),
-              (os.path.isdir(cfg.model), f"{cfg.model}: no such model directory")]
+              (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -102,7 +112,7 @@ def validate(cfg):
         raise UserError("--device cuda: no CUDA device is available")
     if cfg.device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available")
-    positions = Config.from_hf(cfg.model).max_seq_len
+    positions = model_config(cfg.model).max_seq_len
     if cfg.max_seq_len > positions:
         raise UserError(f"--max-seq-len {cfg.max_seq_len} is beyond the model's {positions} positions")
     if cfg.quantize != "none" and resolve_device(cfg.device) == "mps":
@@ -132,6 +142,55 @@ def resolve_dtype(name, device):
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32   # fp16 would need loss scaling
     return torch.bfloat16 if device == "cpu" else torch.float32
+
+
+GPU_MODEL = "meta-llama/Llama-3.1-8B-Instruct"     # a chat Llama that trains in 4 bits on one 12 GB+ GPU
+CPU_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a real instruct Llama small enough to train on a CPU
+LOCAL_CPU_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
+
+
+def defaults_for(cfg, device):
+    """`cfg` with the fields left empty filled for `device`: the model, the data and the sizes (see --help)."""
+    gpu = device.startswith("cuda")
+    small = LOCAL_CPU_MODEL if os.path.isdir(LOCAL_CPU_MODEL) else CPU_MODEL
+    return dataclasses.replace(
+        cfg, model=cfg.model or (GPU_MODEL if gpu else small), data=cfg.data or "squad2",
+        quantize=cfg.quantize or ("none" if device == "mps" else "nf4"),     # bitsandbytes has no MPS kernels
+        batch_size=cfg.batch_size or (4 if gpu else 8), max_seq_len=cfg.max_seq_len or (512 if gpu else 256),
+        limit=cfg.limit if cfg.limit >= 0 else (0 if gpu else 1000),
+        # an 8B at 4 x 512 needs ~22 GiB without checkpointing, ~8 GiB with it (--estimate)
+        grad_checkpointing=gpu if cfg.grad_checkpointing is None else cfg.grad_checkpointing)
+
+
+def model_config(name):
+    """The Config of a preset name, a model directory or a Hugging Face id (fetching only its config.json)."""
+    return Config.preset(name) if name in PRESETS else Config.from_hf(resolve_model(name, config_only=True))
+
+
+def memory_plan(cfg, name, device, dtype):
+    """quant.estimate_memory for model `name` under `cfg`'s settings."""
+    return estimate_memory(model_config(name), quantize=None if cfg.quantize == "none" else cfg.quantize,
+                           rank=cfg.rank, targets="all-linear" if cfg.targets == "all-linear" else cfg.targets.split(","),
+                           batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, dtype=dtype,
+                           grad_checkpointing=cfg.grad_checkpointing, dropout=cfg.dropout,
+                           double_quant=cfg.double_quant, device=device)
+
+
+def print_estimate(cfg, device):
+    """--estimate: the memory plan of --model (a comma list: a table), from shapes alone."""
+    # Planning for a GPU we may not be on: assume one with bf16 (Ampere or newer).
+    dtype = torch.bfloat16 if cfg.dtype == "auto" and device == "cuda" else resolve_dtype(cfg.dtype, device)
+    plans = {name: memory_plan(cfg, name, device, dtype) for name in cfg.model.split(",")}
+    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, base {cfg.quantize}, LoRA r={cfg.rank} on "
+          f"{cfg.targets}, batch {cfg.batch_size} x {cfg.max_seq_len} tokens, gradient checkpointing "
+          f"{'on' if cfg.grad_checkpointing else 'off'}, AdamW")
+    if len(plans) == 1:
+        print(format_estimate(*plans.values()))
+        return
+    print("| model | weights | LoRA + AdamW | activations | backward | total |\n|---|--:|--:|--:|--:|--:|")
+    for name, e in plans.items():
+        print(f"| {name} | " + " | ".join(f"{e[k] / 2**30:.2f} GiB" for k in
+                                          ("weights", "lora", "activations", "working", "total")) + " |")
 
 
 def batches(dataset, batch_size, seed, start, rank=0, world=1):
@@ -304,7 +363,12 @@ def all_ranks_sum(value, world, device):
 
 def train(cfg):
     """Fine-tune LoRA adapters on `cfg.data`; returns the final state dict (step, val losses...)."""
+    cfg = defaults_for(cfg, resolve_device(cfg.device))
+    if cfg.estimate:
+        return print_estimate(cfg, resolve_device(cfg.device))
     validate(cfg)
+    # Only now, every option checked, is anything downloaded: a model or SQuAD named but not yet cached.
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), data=resolve_data(cfg.data, "train"))
     rank, world, device = init_distributed(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device.split(":")[0])
     main = rank == 0                      # only rank 0 logs, validates and writes files
@@ -328,6 +392,9 @@ def train(cfg):
     steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum * world))
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
 
+    say(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, base {cfg.quantize}, format {fmt}"
+        + (f", {world} ranks" if world > 1 else ""))
+    say(format_estimate(memory_plan(cfg, cfg.model, device.split(":")[0], dtype)))
     model = load_model(cfg.model, quantize=None if cfg.quantize == "none" else cfg.quantize,
                        device=device, dtype=dtype, double_quant=cfg.double_quant)
     targets = "all-linear" if cfg.targets == "all-linear" else cfg.targets.split(",")
@@ -364,8 +431,6 @@ def train(cfg):
                        n_train=len(train_set), n_val=len(val_set), total_steps=total_steps), f, indent=2)
     os.replace(os.path.join(cfg.out, "run.json.tmp"), os.path.join(cfg.out, "run.json"))
 
-    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, base {cfg.quantize}, format {fmt}"
-          + (f", {world} ranks" if world > 1 else ""))
     print(f"{format_memory_report(memory_report(model))}")
     print(format_parameter_report(parameter_report(model)))
     print(f"train {len(train_set)} examples ({stats['n_truncated']} contexts cut, {stats['n_dropped']} "
