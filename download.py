@@ -18,7 +18,7 @@ from errors import UserError
 CONNECT_TIMEOUT = 5     # seconds: with no network, fail at once instead of hanging
 READ_TIMEOUT = 60
 SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/{}"
-SQUAD_VERSIONS = {"squad1": "v1.1", "squad2": "v2.0"}
+SQUAD_NAMES = {"squad1": "v1.1", "squad2": "v2.0"}
 # Official git blob SHA-1s (the tree of rajpurkar/SQuAD-explorer, dataset/) and the dev files' sha256.
 SQUAD_CHECKSUMS = {
     "train-v1.1.json": ("77f1d9a7daee11f7bc293832020f7709f63410ad", None),
@@ -43,9 +43,9 @@ def resolve_data(name, split="train", option="--data"):
     """A local file for `name`: the path itself, or the official SQuAD `split` file of "squad1" / "squad2"."""
     if os.path.exists(name):
         return name
-    if name not in SQUAD_VERSIONS:
+    if name not in SQUAD_NAMES:
         raise UserError(f"{option} {name}: no such file (squad1 / squad2 download the official SQuAD files)")
-    filename = f"{split}-{SQUAD_VERSIONS[name]}.json"
+    filename = f"{split}-{SQUAD_NAMES[name]}.json"
     path = os.path.join(cache_dir(), "squad", filename)
     if not os.path.exists(path):
         blob_sha1, sha256 = SQUAD_CHECKSUMS[filename]
