@@ -22,6 +22,7 @@ from tqdm import tqdm
 import data
 import metrics
 from errors import UserError, run_cli
+from download import SQUAD_NAMES, resolve_data, resolve_model
 from generate import generate
 from lora import load_adapter
 from model import Config, load_model
@@ -185,9 +186,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="SQuAD v1.1 / v2.0 JSON, or instruction data (JSON list or JSONL)")
+    p.add_argument("--data", help="SQuAD v1.1 / v2.0 JSON, instruction data (JSON list or JSONL), or squad1 / "
+                   "squad2: the official dev file, downloaded once")
     p.add_argument("--predictions", help="score this {question id: answer} file and print the official JSON")
-    p.add_argument("--model", help="base model directory (Hugging Face format)")
+    p.add_argument("--model", help="base model directory (Hugging Face format) or Hugging Face id")
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format)")
     p.add_argument("--compare", action="store_true", help="evaluate the base, then base + adapter")
     p.add_argument("--holdout", type=float, help="evaluate the articles train.py held out (same --seed)")
@@ -228,7 +230,8 @@ def check_args(args):
         return
     if not args.model:
         raise UserError("give --model DIR (to evaluate a model) or --predictions FILE (to score a file)")
-    _need_file(os.path.join(args.model, "config.json"), "--model")
+    if os.path.isdir(args.model):       # else a Hugging Face id, fetched once the options are checked
+        _need_file(os.path.join(args.model, "config.json"), "--model")
     if args.adapter:
         _need_file(os.path.join(args.adapter, "adapter_config.json"), "--adapter")
     if args.compare and not args.adapter:
@@ -249,7 +252,8 @@ def check_args(args):
         raise UserError("--question, --context and --file go with --ask")
     if not args.data:
         raise UserError("--data is required to evaluate a model")
-    _need_file(args.data, "--data")
+    if args.data not in SQUAD_NAMES:
+        _need_file(args.data, "--data")
     outputs = ["predictions.json", "metrics.json"] + (["predictions-base.json"] if args.compare else [])
     existing = [f for f in outputs if os.path.exists(os.path.join(args.out, f))]
     if existing and not args.overwrite:
@@ -310,6 +314,11 @@ def read_questions(args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    # Every option checked: now fetch what is named but not here (a Hub model, squad1 / squad2's dev file).
+    if args.model:
+        args.model = resolve_model(args.model)
+    if args.data in SQUAD_NAMES:
+        args.data = resolve_data(args.data, "dev")
     if args.predictions:
         print(metrics.format_official(metrics.score_files(args.data, args.predictions)))
         return
