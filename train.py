@@ -97,7 +97,7 @@ def validate(cfg):
               (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
               (0 <= cfg.holdout < 1 and 0 <= cfg.val_fraction < 1, "--holdout and --val-fraction are in [0, 1)"),
               (cfg.eval_every > 0 and cfg.log_every > 0, "--eval-every and --log-every must be > 0"),
-              (cfg.limit >= 0 and cfg.val_max >= 0, "--limit and --val-max must be >= 0"),
+              (cfg.val_max >= 0, f"--val-max must be >= 0, got {cfg.val_max}"),
               (cfg.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {cfg.max_grad_norm}"),
               (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype {cfg.dtype!r}: use auto, float32 or bfloat16"),
               (cfg.format in ("", *FORMATS), f"--format {cfg.format!r}: use one of {', '.join(FORMATS)}"),

@@ -386,16 +386,16 @@ def test_adapter_of_another_base_model_is_refused(tmp_path, squad_file, other_ba
 # ----------------------------------------------------------------------------- options that cannot work
 
 BAD_OPTIONS = [  # (extra options, what the message says); TRAIN_FAST's values come first, so these win
-    (["--max-seq-len", "0"], "--max-seq-len must be > 0, got 0"),
+    (["--max-seq-len", "-1"], "--max-seq-len must be > 0, got -1"),            # 0 means the device's default
     (["--max-seq-len", "4096"], "--max-seq-len 4096 is beyond the model's 512 positions"),
     (["--lr", "0"], "--lr must be > 0, got 0.0"),
     (["--lr=-1e-4"], "--lr must be > 0, got -0.0001"),
     (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
     (["--rank", "0"], "--rank must be > 0"),
-    (["--batch-size", "0"], "--batch-size and --grad-accum must be > 0"),
+    (["--grad-accum", "0"], "--batch-size and --grad-accum must be > 0"),
     (["--max-steps", "0", "--epochs", "0"], "give --max-steps > 0 or --epochs > 0"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
-    (["--limit", "-5"], "--limit and --val-max must be >= 0"),
+    (["--val-max", "-5"], "--val-max must be >= 0, got -5"),
     (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
     (["--quantize", "int8"], "--quantize 'int8': use nf4, fp4 or none"),
     (["--dtype", "float64"], "--dtype 'float64': use auto, float32 or bfloat16"),
@@ -503,7 +503,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(tm
     # Killed before its first checkpoint, during a step-0 validation made long (~0.5 s) so that the
     # kill surely lands before it ends: nothing to resume.
     proc = start(squad_file, out, "--val-fraction", "0.5", "--val-max", "100")
-    assert read_until(proc, "device ")
+    assert read_until(proc, "trainable params")                 # printed once run.json is written
     proc.kill()
     proc.wait()
     assert (out / "run.json").exists() and not (out / "checkpoint.pt").exists()
