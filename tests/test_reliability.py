@@ -470,6 +470,10 @@ def records(out):
         return [json.loads(line) for line in f]
 
 
+def saved_checkpoint(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
 def assert_same_run(out, reference):
     """Identical adapters (best and final) and a log with every step once, with the reference's numbers."""
     for adapter in ("final", "best"):
@@ -518,7 +522,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(tm
         time.sleep(rng.uniform(0, 0.3))          # somewhere inside the next step, validation or a save
         proc.kill()
         assert proc.wait() == -signal.SIGKILL     # it died mid-run, and left a whole checkpoint
-        assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] <= k
+        assert saved_checkpoint(out)["state"]["step"] <= k
         flags = "--resume"
     proc = start(squad_file, out, "--resume")
     proc.stdout.read()
@@ -533,7 +537,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_to_the_same_adapter(tmp
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
     assert proc.wait() == 130
-    saved = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"]
+    saved = saved_checkpoint(out)["state"]["step"]
     assert f"interrupted: checkpoint saved at step {saved} in {out}; --resume continues" in rest
     assert 4 <= saved < STEPS and not (out / "final").exists()
     proc = start(squad_file, out, "--resume")
@@ -606,10 +610,6 @@ def poison(monkeypatch, step, what):
     monkeypatch.setattr(T, "masked_loss_sum", patched)
 
 
-def lora_tensors(out):
-    return torch.load(out / "checkpoint.pt", weights_only=True)
-
-
 @pytest.mark.parametrize("what", ["loss", "grad"])
 def test_nonfinite_step_stops_with_the_last_good_checkpoint_intact(monkeypatch, tmp_path, squad_file, reference,
                                                                    what):
@@ -619,7 +619,7 @@ def test_nonfinite_step_stops_with_the_last_good_checkpoint_intact(monkeypatch, 
     with pytest.raises(UserError, match=rf"step 8: loss .*, gradient norm nan; stopped. The last good checkpoint "
                                         rf"is {out}/checkpoint.pt \(--resume --skip-nonfinite"):
         train_in_process(squad_file, out)
-    saved = lora_tensors(out)
+    saved = saved_checkpoint(out)
     assert saved["state"]["step"] == 6 and all(t.isfinite().all() for t in saved["lora"].values())
     monkeypatch.undo()                                   # the fault was transient: resuming finishes the run
     train_in_process(squad_file, out, "--resume")
@@ -647,7 +647,7 @@ def test_weights_that_overflow_stop_the_run_with_a_message(tmp_path, squad_file)
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     result = cli("train.py", "--model", d, "--data", squad_file, "--out", tmp_path / "run", *RUN, "--quantize", "none")
     assert_one_line_error(result, "step 0: loss nan, gradient norm nan; stopped")
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["step"] == 0
+    assert saved_checkpoint(tmp_path / "run")["state"]["step"] == 0
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -689,7 +689,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch
     with pytest.raises(UserError, match=rf"could not write {out}/checkpoint.pt \(.*MiB free there\); "
                                         "the previous file is intact"):
         train_in_process(squad_file, out)
-    assert lora_tensors(out)["state"]["step"] == 3 and temp_files(out) == []
+    assert saved_checkpoint(out)["state"]["step"] == 3 and temp_files(out) == []
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')                       # a full disk can cut a log line short too
     monkeypatch.undo()                                   # space freed: resume and finish
