@@ -10,9 +10,15 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run `main()`; a UserError becomes `error: <message>` on stderr and exit status 2, no traceback."""
+    """Run `main()`; a UserError becomes `error: <message>` on stderr and exit status 2, no traceback.
+
+    Ctrl-C before training has started (train.py handles it during training) exits 130 with one line.
+    """
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
