@@ -124,3 +124,30 @@ def test_local_paths_are_used_as_they_are_and_unknown_names_are_errors():
         download.resolve_data("squad3")
     with pytest.raises(UserError, match=r"--model ./missing: no such directory"):
         download.resolve_model("./missing")
+
+
+def test_defaults_fill_only_what_the_user_left_empty():
+    import train
+    cpu = train.defaults_for(train.TrainConfig(), "cpu")
+    assert (cpu.data, cpu.quantize, cpu.batch_size, cpu.max_seq_len, cpu.limit, cpu.grad_checkpointing) == \
+        ("squad2", "nf4", 8, 256, 1000, False)
+    assert cpu.model in (train.LOCAL_CPU_MODEL, train.CPU_MODEL)
+    gpu = train.defaults_for(train.TrainConfig(), "cuda")
+    assert (gpu.model, gpu.batch_size, gpu.max_seq_len, gpu.limit, gpu.grad_checkpointing) == \
+        (train.GPU_MODEL, 4, 512, 0, True)
+    mine = train.defaults_for(train.parse_args(["--limit", "0", "--no-grad-checkpointing", "--batch-size", "2",
+                                                "--model", STORIES, "--data", SQUAD_V1]), "cuda")
+    assert (mine.model, mine.data, mine.limit, mine.grad_checkpointing, mine.batch_size) == \
+        (STORIES, SQUAD_V1, 0, False, 2)
+    assert train.defaults_for(train.TrainConfig(), "mps").quantize == "none"
+
+
+def test_train_with_no_arguments_offline_fails_fast_saying_how_to_pass_a_file(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(download, "SQUAD_URL", f"http://127.0.0.1:{closed_port()}/{{}}")
+    monkeypatch.setattr(train, "LOCAL_CPU_MODEL", STORIES)       # the CPU default's local copy, small here
+    start = time.time()
+    with pytest.raises(UserError, match="train-v2.0.json; with no network, .* --data FILE"):
+        train.train(train.parse_args(["--device", "cpu", "--out", str(tmp_path / "run")]))
+    assert time.time() - start < download.CONNECT_TIMEOUT and not (tmp_path / "run").exists()

@@ -1,12 +1,10 @@
 """quant.estimate_memory against what torch really holds: autograd's saved tensors and the loaded model."""
-import os
-
 import pytest
 import torch
 
-from conftest import SMOLLM
+from conftest import SQUAD_V1, STORIES
 from lora import apply_lora, parameter_report
-from model import Config, GPT2Block, LlamaBlock, Transformer, load_model, rope_cos_sin, rope_inv_freq
+from model import Config, GPT2Block, LlamaBlock, Transformer, rope_cos_sin, rope_inv_freq
 from quant import (activation_bytes_per_token, estimate_memory, is_4bit, make_linear, memory_report,
                    set_linear_weight)
 
@@ -55,13 +53,29 @@ def test_activation_formula_equals_what_autograd_saves(cfg, quantize, dropout, t
     assert formula == measured
 
 
-@pytest.mark.skipif(not os.path.exists(SMOLLM), reason="SmolLM2 weights not materialized (.ci/run)")
-def test_estimated_weights_and_adapter_size_equal_the_loaded_model():
+SMALL = Config(vocab_size=4096, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=640)
+
+
+def random_4bit_model(cfg):
+    """A Transformer with random NF4 block linears and bf16 embedding, head and norms, as load_model builds."""
+    torch.manual_seed(0)
+    linear = lambda i, o, bias: make_linear(i, o, bias=bias, quantize="nf4", compute_dtype=torch.bfloat16)  # noqa: E731
+    model = Transformer(cfg, linear)
+    for m in list(model.modules()):
+        if is_4bit(m):
+            set_linear_weight(m, 0.02 * torch.randn(m.out_features, m.in_features), device="cpu", dtype=torch.bfloat16)
+    for p in model.parameters():
+        if p.dtype != torch.uint8:
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def test_estimated_weights_and_adapter_size_equal_the_model():
     targets = ["q_proj", "v_proj", "down_proj"]
-    model = load_model(SMOLLM, quantize="nf4", dtype=torch.bfloat16)
+    model = random_4bit_model(SMALL)
     apply_lora(model, 8, 16, 0.0, targets)
-    e = estimate_memory(Config.from_hf(SMOLLM), quantize="nf4", rank=8, targets=targets, batch_size=1,
-                        max_seq_len=8, dtype=torch.bfloat16, grad_checkpointing=False)
+    e = estimate_memory(SMALL, quantize="nf4", rank=8, targets=targets, batch_size=1, max_seq_len=8,
+                        dtype=torch.bfloat16, grad_checkpointing=False)
     assert e["lora_params"] == parameter_report(model)["trainable"]
     report = memory_report(model)     # counts the fp32 LoRA weights and the RoPE buffer too
     held = report["total_bytes"] - 4 * e["lora_params"] - model.inv_freq.nbytes
@@ -83,17 +97,8 @@ def tensor_peak(step):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_estimated_peak_of_a_training_step_is_within_15_percent(checkpointing):
     import train
-    cfg = Config(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=640)
-    B, T = 4, 128
-    torch.manual_seed(0)
-    linear = lambda i, o, bias: make_linear(i, o, bias=bias, quantize="nf4", compute_dtype=torch.bfloat16)  # noqa: E731
-    model = Transformer(cfg, linear)
-    for m in list(model.modules()):
-        if is_4bit(m):
-            set_linear_weight(m, 0.02 * torch.randn(m.out_features, m.in_features), device="cpu", dtype=torch.bfloat16)
-    for name, p in model.named_parameters():
-        if p.dtype != torch.uint8:
-            p.data = p.data.to(torch.bfloat16)
+    cfg, B, T = SMALL, 4, 96
+    model = random_4bit_model(cfg)
     apply_lora(model, 16, 32, 0.05, "all-linear")
     model.grad_checkpointing = checkpointing
     model.train()
@@ -114,3 +119,30 @@ def test_estimated_peak_of_a_training_step_is_within_15_percent(checkpointing):
     e = estimate_memory(cfg, quantize="nf4", rank=16, targets="all-linear", batch_size=B, max_seq_len=T,
                         dtype=torch.bfloat16, grad_checkpointing=checkpointing, device="cpu")
     assert measured <= e["total"] <= 1.15 * measured
+
+
+def test_estimate_cli_plans_from_a_preset_a_directory_or_a_list_without_loading(monkeypatch, capsys):
+    import train
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    train.train(train.parse_args(["--estimate", "--device", "cuda", "--model", "llama-3-8b"]))
+    settings, line = capsys.readouterr().out.splitlines()
+    assert "batch 4 x 512 tokens, gradient checkpointing on" in settings and "dtype bfloat16" in settings
+    assert line.startswith("memory estimate 7.21 GiB: weights 5.31 + LoRA with AdamW 0.62")   # docs/memory.md
+    train.train(train.parse_args(["--estimate", "--model", STORIES, "--device", "cpu", "--rank", "8"]))
+    assert "batch 8 x 256 tokens" in capsys.readouterr().out
+    train.train(train.parse_args(["--estimate", "--device", "cuda", "--model", "llama-2-7b,mistral-7b"]))
+    table = capsys.readouterr().out.splitlines()[1:]
+    assert table[0].startswith("| model |") and [row.split(" | ")[0] for row in table[2:]] == ["| llama-2-7b",
+                                                                                              "| mistral-7b"]
+
+
+def test_a_training_run_prints_its_estimate_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import train
+    loaded = train.load_model
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: (print("<loading>"), loaded(*a, **k))[1])
+    train.train(train.parse_args(["--model", STORIES, "--data", SQUAD_V1, "--out", str(tmp_path), "--limit", "8",
+                                  "--batch-size", "2", "--grad-accum", "1", "--max-steps", "1", "--val-max", "2",
+                                  "--max-seq-len", "192", "--dtype", "float32"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("device cpu, dtype float32, base nf4")
+    assert lines[1].startswith("memory estimate ") and lines[2] == "<loading>"
