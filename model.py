@@ -6,6 +6,7 @@ of the blocks comes from `quant.make_linear`: an `nn.Linear`, or a bitsandbytes 
 Shapes: B batch, T new tokens, S cached + new tokens, C model width, nh / nkv query / key-value heads,
 hs head size.
 """
+import ctypes
 import json
 import math
 import os
@@ -368,13 +369,46 @@ def _read_tensors(file):
             raise UserError(f"{file}: holds a {type(state).__name__}, not a state dict of tensors")
         yield from state.items()
         return
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except SafetensorError as err:
-        raise UserError(f"{file}: unreadable safetensors file ({err})") from None
+    # Plain reads, not safetensors' memory map: every mapped page read stays in the process's resident
+    # memory until the file closes, which made loading SmolLM2 (one 270 MB file) peak 214 MiB higher.
+    # The format is an 8-byte header length, a JSON header of {name: dtype, shape, data_offsets}, the data.
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            if 8 + n > size:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            entries = sorted((info["data_offsets"], name, SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
+                             for name, info in header.items())
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            raise UserError(f"{file}: unreadable safetensors file (bad header: {err!r})") from None
+        for (begin, end), name, dtype, shape in entries:
+            tensor = torch.empty(shape, dtype=dtype)
+            if end - begin != tensor.nbytes or 8 + n + end > size:
+                raise UserError(f"{file}: unreadable safetensors file (tensor {name!r} is truncated or mis-sized)")
+            f.seek(8 + n + begin)
+            f.readinto(tensor.view(-1).view(torch.uint8).numpy())
+            yield name, tensor
+            _release_freed_memory()
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _release_freed_memory():
+    """Return freed heap pages to the OS (glibc). Each full-precision tensor is freed after quantization,
+    but the holes it leaves between the kept 4-bit tensors stayed resident: loading SmolLM2 grew the heap
+    by 120 to 370 MiB from run to run, by 109 MiB (the 4-bit model) with this. A no-op without glibc."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+_LIBC = ctypes.CDLL(None) if os.name == "posix" else None
 
 
 def _hf_name(name, cfg):
