@@ -76,8 +76,8 @@ def run_task(args, task, **kwargs):
     """TASKS[task](**kwargs) in a fresh Python process (in this one with --quick), its result a dict."""
     if args.quick:
         return TASKS[task](**kwargs)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps([task, kwargs])],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps([task, kwargs]),
+                          "--threads", str(torch.get_num_threads())], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"bench worker {task} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -485,9 +485,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a tiny random model, one repeat: checks it runs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="compute dtype; auto: bfloat16 where supported")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (0: torch's default, one per core); on a machine shared with other jobs "
+                             "1 avoids threads waiting on each other (a 2-core step took 47 s with 2, 6 s with 1)")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         task, kwargs = json.loads(args.worker)
         print(json.dumps(TASKS[task](**kwargs)))
@@ -501,7 +506,7 @@ def main():
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     report = Report()
     report.note(f"bench.py{' --quick' if args.quick else ''}: {machine}, torch {torch.__version__}, "
-                f"device {args.device}, {args.dtype}, {args.repeats} repeats; load average at start "
+                f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, {args.repeats} repeats; load average at start "
                 f"{os.getloadavg()[0]:.1f} (other jobs share this machine: compare ratios, not absolute figures)"
                 + ("; --quick: one process, so the memory figures are not comparable" if args.quick else ""))
     print(f"{'measurement':<58} {'ours':>10} {'theirs':>10} {'ratio':>7}  target")
