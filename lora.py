@@ -41,6 +41,27 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
+class LoRADropout(nn.Module):
+    """Inverted dropout that returns the kept inputs and their scale 1 / P(keep) apart, for the caller
+    to fold into the LoRA scaling. p is rounded to a multiple of 1/65536."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x, 1.0
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p), 1.0
+        # On the CPU, 16 random bits per element, four from each 64-bit draw: torch's bernoulli_ (nn.Dropout)
+        # draws 64 per element, a fifth of a SmolLM2 QLoRA step (bf16, 8x256, 1 thread: 378 tokens/s, not 327).
+        drop = round(self.p * 65536)
+        bits = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-2**63, None)
+        keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= drop - 32768  # P(keep) = 1 - drop / 65536
+        return x * keep.to(x.dtype), 65536 / (65536 - drop)  # a mask in x's dtype multiplies faster than bool
+
+
 class LoRALinear(nn.Module):
     """A frozen base linear (`nn.Linear` or `bnb.nn.Linear4bit`) plus a trainable low-rank update."""
 
@@ -48,7 +69,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base  # PEFT's name for the wrapped layer
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout)
         # A and B stay fp32 whatever the base holds: they are tiny (r * (in + out) values) and the
         # optimizer updates them in full precision; forward casts them to the input's dtype.
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
@@ -66,11 +87,13 @@ class LoRALinear(nn.Module):
         # A and B costs less than casting the activations up to fp32. Llama-7B q_proj, r=16:
         # (4, 512, 4096) @ A^T (4096, 16) -> (4, 512, 16) @ B^T (16, 4096) -> (4, 512, 4096)
         A, B = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        z = F.linear(self.lora_dropout(x), A)  # (B, T, r)
-        # h + scaling * z @ B^T, with the scale and the add done inside one matmul (addmm): done apart, each
+        kept, keep_scale = self.lora_dropout(x)
+        z = F.linear(kept, A)  # (B, T, r)
+        # h + scaling * z @ B^T, with the scales and the add done inside one matmul (addmm): done apart, each
         # is a pass over the (B, T, out) output forward and backward. SmolLM2 QLoRA step on the CPU (bf16,
         # 8x256, 1 thread): gate_proj's branch 3.8 ms instead of 10, the step 319 tokens/s instead of 298.
-        out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1]), B.t(), alpha=self.scaling)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1]), B.t(),
+                          alpha=self.scaling * keep_scale)
         return out.view(h.shape)
 
     @property
