@@ -235,8 +235,9 @@ def make_optimizer(cfg, params):
 def chunk_nll(lm_head, hidden, targets):
     """Summed negative log-likelihood of `targets` (N,) under logits lm_head(hidden (N, C)) -> (N, V)."""
     logits = lm_head(hidden).float()
-    # -log softmax(logits)[target] = logsumexp(logits) - logits[target]
-    return (torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
+    # -log softmax(logits)[target] = logsumexp(logits) - logits[target], fused: written out, the loss step at
+    # vocab 128k (bench.py, 2048 tokens) took 9.3 s and 673 MiB instead of 8.2 s and 421 MiB.
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
 def masked_loss_sum(model, input_ids, labels, chunk=256):
@@ -370,14 +371,18 @@ def train(cfg):
     if cfg.estimate:
         return print_estimate(cfg, resolve_device(cfg.device))
     validate(cfg)
-    # Only now, every option checked, is anything downloaded: a model or SQuAD named but not yet cached.
-    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), data=resolve_data(cfg.data, "train"))
     rank, world, device = init_distributed(resolve_device(cfg.device))
+    main = rank == 0                      # only rank 0 logs, validates, downloads and writes files
+    # Only now, every option checked, is anything downloaded (a model or SQuAD named but not cached):
+    # rank 0 fetches while the other ranks wait, then they find it in the cache. The barrier also
+    # means every rank has checked --out before rank 0 writes to it.
+    if world > 1 and not main:
+        dist.barrier()
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), data=resolve_data(cfg.data, "train"))
+    if world > 1 and main:
+        dist.barrier()
     dtype = resolve_dtype(cfg.dtype, device.split(":")[0])
-    main = rank == 0                      # only rank 0 logs, validates and writes files
     say = print if main else (lambda *args, **kwargs: None)
-    if world > 1:
-        dist.barrier()                    # every rank checked --out before rank 0 writes to it
 
     tok = load_tokenizer(cfg.model)
     fmt = cfg.format or tok.chat_format
