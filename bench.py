@@ -445,7 +445,7 @@ def bench_load(report, args, models):
                    median_ratio([x["seconds"] for x in runs["ours"]], [x["seconds"] for x in runs["theirs"]]))
         report.add(f"load {name}: peak MiB", o["peak_mb"], t["peak_mb"], target=("<=", 0.5), fmt="{:.0f}")
         report.add(f"load {name}: peak MiB above the process before loading", o["peak_mb"] - o["before_mb"],
-                   t["peak_mb"] - t["before_mb"], fmt="{:.0f}")
+                   t["peak_mb"] - t["before_mb"], target=("<=", 0.5), fmt="{:.0f}")
         report.add(f"load {name}: quantized model MiB", o["model_mb"], t["model_mb"])
 
 
@@ -469,7 +469,9 @@ def bench_loss(report, args, vocab, dim, seq):
             runs[side].append(run_task(args, "loss", side=side, device=args.device, dtype=args.dtype, vocab=vocab,
                                             dim=dim, seq=seq))
     extra = {side: statistics.median(x["peak_mb"] - x["before_mb"] for x in v) for side, v in runs.items()}
+    peak = {side: statistics.median(x["peak_mb"] for x in v) for side, v in runs.items()}
     label = f"loss alone, vocab {vocab}, C {dim}, seq {seq}, all supervised"
+    report.add(f"{label}: peak MiB", peak["ours"], peak["theirs"], fmt="{:.0f}")
     report.add(f"{label}: step MiB above weights and input", extra["ours"], extra["theirs"],
                target=("<=", 0.25), fmt="{:.0f}")
     seconds = {side: [x["seconds"] for x in v] for side, v in runs.items()}
