@@ -508,8 +508,8 @@ def main():
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     report = Report()
     report.note(f"bench.py{' --quick' if args.quick else ''}: {machine}, torch {torch.__version__}, "
-                f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, {args.repeats} repeats; load average at start "
-                f"{os.getloadavg()[0]:.1f} (other jobs share this machine: compare ratios, not absolute figures)"
+                f"device {args.device}, {args.dtype}, {torch.get_num_threads()} CPU threads, {args.repeats} repeats; "
+                f"load average at start {os.getloadavg()[0]:.1f} (if other jobs share the machine, compare ratios)"
                 + ("; --quick: one process, so the memory figures are not comparable" if args.quick else ""))
     print(f"{'measurement':<58} {'ours':>10} {'theirs':>10} {'ratio':>7}  target")
     if "train" in sections:
