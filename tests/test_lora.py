@@ -322,3 +322,20 @@ def test_bf16_base_keeps_fp32_adapter_and_bf16_output():
     ref = (x.float() @ base.weight.float().T + base.bias.float()
            + 2 * x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.02)  # bf16 rounding
+
+
+def test_lora_dropout_keep_rate_is_unbiased_and_off_in_eval():
+    from lora import LoRADropout
+    torch.manual_seed(0)
+    drop = LoRADropout(0.05)
+    x = torch.ones(256, 1024)
+    kept, scale = drop(x)
+    keep_rate = (kept != 0).float().mean().item()
+    assert abs(keep_rate - 0.95) < 0.003                       # P(keep) = 1 - round(0.05 * 65536) / 65536
+    assert abs((kept * scale).mean().item() - 1.0) < 0.003      # inverted dropout: the expectation is unchanged
+    assert set(kept.unique().tolist()) == {0.0, 1.0}
+    again, _ = drop(x)
+    assert not torch.equal(again, kept)                         # a fresh mask each call
+    drop.eval()
+    out, scale = drop(x)
+    assert out is x and scale == 1.0
