@@ -307,8 +307,8 @@ def estimate_memory(cfg, *, quantize, rank, targets, batch_size, max_seq_len, dt
     saved = tokens * (cfg.n_layers * (d * cfg.dim if grad_checkpointing else per_layer))
     # On top of that at the peak, the larger of: the LM head's backward (it sees only the supervised
     # positions, 256 at a time as in train.masked_loss_sum: logits in `dtype`, fp32 copies for log-softmax
-    # and its gradient), and one block's backward (gradients of its widest tensors; with checkpointing also its recomputed tensors).
-    # Plus one dequantized weight.
+    # and its gradient), and one block's backward (gradients of its widest tensors; with checkpointing also
+    # its recomputed tensors). Plus one dequantized weight.
     head_rows = min(256, batch_size * answer_tokens)
     block = tokens * (d * (cfg.dim + 3 * cfg.hidden_dim) + per_layer * grad_checkpointing)
     working = max(head_rows * cfg.vocab_size * (2 * d + 16), block)
