@@ -169,3 +169,21 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b/metrics.jsonl")
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit", "paged_adamw8bit"])
+def test_optimizers_train_the_adapters(kind):
+    model = tiny_lora_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = T.make_optimizer(T.TrainConfig(optimizer=kind, lr=1e-2), params)
+    before = [p.detach().clone() for p in params]
+    ids, labels = batch(4)
+    losses = []
+    for _ in range(3):
+        total, n = T.masked_loss_sum(model, ids, labels)
+        (total / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total.item() / n)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert losses[-1] < losses[0]
