@@ -559,8 +559,8 @@ def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_pat
     assert open(path, "rb").read() == before and torch.load(path, weights_only=True) == {"step": 3}
 
 
-def test_a_kill_after_the_final_checkpoint_resumes_without_repeating_anything(monkeypatch, tmp_path, squad_file,
-                                                                             reference):
+def kill_before_final_adapter(monkeypatch):
+    """Make the run die after its last checkpoint, just before it writes final/."""
     real = T.save_adapter
 
     def dies_before_final(model, directory, **kw):
@@ -568,6 +568,11 @@ def test_a_kill_after_the_final_checkpoint_resumes_without_repeating_anything(mo
             raise Killed
         real(model, directory, **kw)
     monkeypatch.setattr(T, "save_adapter", dies_before_final)
+
+
+def test_a_kill_after_the_final_checkpoint_resumes_without_repeating_anything(monkeypatch, tmp_path, squad_file,
+                                                                             reference):
+    kill_before_final_adapter(monkeypatch)
     with pytest.raises(Killed):
         train_in_process(squad_file, tmp_path / "run")
     monkeypatch.undo()
@@ -576,13 +581,7 @@ def test_a_kill_after_the_final_checkpoint_resumes_without_repeating_anything(mo
 
 
 def test_a_run_that_stopped_early_stays_stopped_on_resume(monkeypatch, tmp_path, squad_file):
-    real = T.save_adapter
-
-    def dies_before_final(model, directory, **kw):
-        if directory.endswith("final"):
-            raise Killed
-        real(model, directory, **kw)
-    monkeypatch.setattr(T, "save_adapter", dies_before_final)
+    kill_before_final_adapter(monkeypatch)
     stop = ["--patience", "1", "--lr", "1e-30"]                # the validation loss never improves
     with pytest.raises(Killed):
         train_in_process(squad_file, tmp_path / "run", *stop)
