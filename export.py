@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from download import resolve_model
 from errors import UserError, run_cli
 from lora import load_adapter, lora_layers, merge_lora
-from model import Config, _checkpoint_files, _hf_name, load_model
+from model import Config, checkpoint_files, hf_name, load_model
 
 # Copied as they are: the tokenizer in any of its formats, and the chat template.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -29,14 +29,14 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 def stored_dtypes(path, cfg):
     """{our parameter name: the dtype the base checkpoint stores it in}, from the file headers alone."""
     dtypes = {}
-    for file in _checkpoint_files(path):
+    for file in checkpoint_files(path):
         if file.endswith(".bin"):
             found = {k: t.dtype for k, t in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()}
         else:
             with safe_open(file, framework="pt") as f:
                 found = {k: SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32) for k in f.keys()}
         for key, dtype in found.items():
-            name = _hf_name(key, cfg)[0]
+            name = hf_name(key, cfg)[0]
             if name is not None:
                 dtypes[name] = dtype
     return dtypes
@@ -60,7 +60,7 @@ def merged_state_dict(base, adapter):
     # tie_word_embeddings ties it again on load), and the aliases model.embed / model.blocks drop out.
     for name, tensor in model.named_parameters():
         tensor = tensor.detach()
-        if _hf_name(name, cfg)[1]:
+        if hf_name(name, cfg)[1]:
             tensor = tensor.t()  # GPT-2's Conv1D stores (in, out)
         tensors[name] = tensor.to(dtypes.get(name, load_dtype)).contiguous()
     return tensors

@@ -331,7 +331,7 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- loading
 
-def _checkpoint_files(path):
+def checkpoint_files(path):
     """The safetensors files of a model directory: one file, or the shards its index lists."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -411,7 +411,7 @@ def _release_freed_memory():
 _LIBC = ctypes.CDLL(None) if os.name == "posix" else None
 
 
-def _hf_name(name, cfg):
+def hf_name(name, cfg):
     """Our parameter name for a checkpoint key (None to skip), and whether the tensor needs transposing."""
     if cfg.arch == "gpt2":
         if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -434,7 +434,7 @@ def load_model(path, *, quantize=None, device="cpu", dtype=torch.float32, double
     """
     from quant import set_linear_weight
     cfg = Config.from_hf(path)
-    files = _checkpoint_files(path)
+    files = checkpoint_files(path)
 
     def linear(n_in, n_out, bias):
         return make_linear(n_in, n_out, bias=bias, quantize=quantize, compute_dtype=dtype,
@@ -447,7 +447,7 @@ def load_model(path, *, quantize=None, device="cpu", dtype=torch.float32, double
     loaded = set()
     for file in files:
         for key, tensor in _read_tensors(file):
-            name, transpose = _hf_name(key, cfg)
+            name, transpose = hf_name(key, cfg)
             if name is None or (cfg.tie_embeddings and name == "lm_head.weight"):
                 continue
             if name not in expected:
