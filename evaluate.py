@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data
 import metrics
-from errors import UserError, run_cli
+from errors import UserError, run_cli, write_atomic
 from download import SQUAD_NAMES, resolve_data, resolve_model
 from generate import generate
 from lora import load_adapter
@@ -173,10 +173,10 @@ def format_table(runs, kind):
 
 def write_json(path, obj):
     """Write atomically: a reader (or a crash) sees the old file or the whole new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+    write_atomic(path, write)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from errors import UserError
+from errors import UserError, write_atomic
 from quant import dequantize_weight, set_linear_weight
 
 PEFT_PREFIX = "base_model.model."
@@ -194,17 +194,6 @@ def unmerge_lora(model):
             layer.merged = False
 
 
-def _write_atomic(path, write):
-    tmp = f"{path}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except (OSError, SafetensorError) as err:  # a full disk: safetensors reports it as SafetensorError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not write {path} ({err}); any earlier version of it is intact") from None
-
-
 def _target_modules(model, wrapped):
     """PEFT's form, the last name components ("q_proj"), unless those also select layers left alone."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
@@ -229,13 +218,14 @@ def save_adapter(model, directory, base_model_path=None, overwrite=False):
                   modules_to_save=None, use_dora=False)
     tensors = {f"{PEFT_PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
                for n, m in layers for ab in ("lora_A", "lora_B")}
-    _write_atomic(os.path.join(directory, WEIGHTS_NAME),
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    # safetensors reports a full disk as SafetensorError
+    write_atomic(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+                 errors=(OSError, SafetensorError))
 
     def write_config(p):
         with open(p, "w") as f:
             json.dump(config, f, indent=2)
-    _write_atomic(os.path.join(directory, CONFIG_NAME), write_config)
+    write_atomic(os.path.join(directory, CONFIG_NAME), write_config)
 
 
 def load_adapter(model, directory):

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -34,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 
 from data import FORMATS, IGNORE_INDEX, collate, load_examples, prepare, show_example, split_examples
-from errors import UserError, run_cli
+from errors import UserError, run_cli, write_atomic
 from lora import apply_lora, format_parameter_report, parameter_report, save_adapter
 from download import resolve_data, resolve_model
 from model import PRESETS, Config, load_model
@@ -280,21 +279,6 @@ def validation_loss(model, dataset, cfg, pad_id, autocast):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def write_atomic(path, save):
-    """Write via a temporary file in the same directory and rename: a kill leaves the old file or the new."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write (a full disk) as RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
-        reason = str(err.strerror if isinstance(err, OSError) and err.strerror else err).splitlines()[0]
-        raise UserError(f"could not write {path} ({reason}; {free:.0f} MiB free there); "
-                        "the previous file is intact") from None
-
-
 def save_checkpoint(cfg, model, optimizer, state):
     lora_state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     payload = dict(lora=lora_state, optimizer=optimizer.state_dict(), state=state,
@@ -435,10 +419,13 @@ def train(cfg):
                      "final/adapter_model.safetensors", "final/adapter_config.json"):
             if os.path.exists(os.path.join(cfg.out, name)):
                 os.remove(os.path.join(cfg.out, name))
-    with open(os.path.join(cfg.out, "run.json.tmp"), "w") as f:
-        json.dump(dict(config=dataclasses.asdict(cfg), format=fmt, kind=kind, data_stats=stats,
-                       n_train=len(train_set), n_val=len(val_set), total_steps=total_steps), f, indent=2)
-    os.replace(os.path.join(cfg.out, "run.json.tmp"), os.path.join(cfg.out, "run.json"))
+    run = dict(config=dataclasses.asdict(cfg), format=fmt, kind=kind, data_stats=stats, n_train=len(train_set),
+               n_val=len(val_set), total_steps=total_steps)
+
+    def write_run(tmp):
+        with open(tmp, "w") as f:
+            json.dump(run, f, indent=2)
+    write_atomic(os.path.join(cfg.out, "run.json"), write_run)
 
     print(f"{format_memory_report(memory_report(model))}")
     print(format_parameter_report(parameter_report(model)))
