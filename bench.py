@@ -370,14 +370,14 @@ TASKS = dict(train_speed=task_train_speed, train_memory=task_train_memory, load=
 def train_flops_per_token(cfg, seq, supervised_fraction, rank):
     """FLOPs our QLoRA step executes per token: the frozen base's matmuls forward and for the input
     gradient (4N), attention (forward + twice that backward), LoRA (forward, input and weight gradients)
-    and the LM head at supervised positions only, run three times (forward, recomputation, backward)."""
+    and the LM head at supervised positions only, run twice (logits, and their gradient formed in forward)."""
     C, H, hs, L = cfg.dim, cfg.hidden_dim, cfg.head_dim, cfg.n_layers
     q, kv = cfg.n_heads * hs, cfg.n_kv_heads * hs
     base = C * (2 * q + 2 * kv) + 3 * C * H                              # per layer: q, k, v, o, gate, up, down
     lora = rank * (7 * C + 2 * q + 2 * kv + 3 * H)                        # r * (in + out) summed over them
     attention = 2 * 2 * (seq / 2) * q                                     # QK^T and AV, causal: seq/2 keys
     per_layer = 4 * base + 6 * lora + 3 * attention
-    return L * per_layer + 3 * 2 * C * cfg.vocab_size * supervised_fraction
+    return L * per_layer + 2 * 2 * C * cfg.vocab_size * supervised_fraction
 
 
 def median_ratio(ours, theirs):

@@ -167,6 +167,26 @@ def split_examples(examples, val_fraction, seed):
     return train, val
 
 
+def sample_examples(examples, limit, unanswerable_share, seed):
+    """At most `limit` of `examples` (0: no limit) drawn at random. With `unanswerable_share` in [0, 1], that share
+    of them is unanswerable: half of SQuAD v2.0's dev set is, a third of its official train set is, and a small
+    model trained on the dev set's half learns to abstain on most answerable questions too (README, v2.0)."""
+    rng = random.Random(seed)
+    if unanswerable_share < 0:
+        return rng.sample(examples, min(limit, len(examples))) if limit else examples
+    unanswerable = [ex for ex in examples if ex.is_impossible]
+    answerable = [ex for ex in examples if not ex.is_impossible]
+    if unanswerable_share > 0 and not unanswerable:
+        raise UserError("an unanswerable share needs SQuAD v2.0 data; these examples have no unanswerable question")
+    # the largest sample with exactly this share that the data allows (an infinite bound where a side is unused)
+    total = min(limit or len(examples), len(unanswerable) / unanswerable_share if unanswerable_share else math.inf,
+                len(answerable) / (1 - unanswerable_share) if unanswerable_share < 1 else math.inf)
+    n_unanswerable = round(total * unanswerable_share)
+    picked = rng.sample(unanswerable, n_unanswerable) + rng.sample(answerable, int(total) - n_unanswerable)
+    rng.shuffle(picked)
+    return picked
+
+
 # ---------------------------------------------------------------- prompts
 
 def build_prompt(example, fmt):

@@ -305,13 +305,13 @@ def estimate_memory(cfg, *, quantize, rank, targets, batch_size, max_seq_len, dt
     tokens = batch_size * max_seq_len
     # Saved for backward: every block's tensors, or with checkpointing only each block's input.
     saved = tokens * (cfg.n_layers * (d * cfg.dim if grad_checkpointing else per_layer))
-    # On top of that at the peak, the larger of: the LM head's backward (it sees only the supervised
-    # positions, 256 at a time as in train.masked_loss_sum: logits in `dtype`, fp32 copies for log-softmax
-    # and its gradient), and one block's backward (gradients of its widest tensors; with checkpointing also
-    # its recomputed tensors). Plus one dequantized weight.
+    # On top of that at the peak, the larger of: the LM head's loss (it sees only the supervised positions,
+    # 256 at a time as in train.ChunkedCrossEntropy: fp32 logits and one fp32 temporary of logsumexp, 8 bytes
+    # per logit), and one block's backward (gradients of its widest tensors; with checkpointing also its
+    # recomputed tensors). Plus one dequantized weight.
     head_rows = min(256, batch_size * answer_tokens)
     block = tokens * (d * (cfg.dim + 3 * cfg.hidden_dim) + per_layer * grad_checkpointing)
-    working = max(head_rows * cfg.vocab_size * (2 * d + 16), block)
+    working = max(head_rows * cfg.vocab_size * 8, block)
     working += d * max(i * o for _, i, o in linears) if quantize else 0
     parts = dict(weights=weights, lora=16 * lora_params, activations=saved, working=working)
     return {k: int(v) for k, v in parts.items()} | dict(total=int(sum(parts.values())), lora_params=lora_params)

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 
-from data import FORMATS, IGNORE_INDEX, collate, load_examples, prepare, show_example, split_examples
+from data import (FORMATS, IGNORE_INDEX, collate, load_examples, prepare, sample_examples, show_example,
+                  split_examples)
 from errors import UserError, run_cli, write_atomic
 from lora import apply_lora, format_parameter_report, parameter_report, save_adapter
 from download import resolve_data, resolve_model
@@ -72,6 +72,7 @@ class TrainConfig:
     eval_every: int = 50            # optimizer steps between validations (and checkpoints)
     patience: int = 0               # stop after this many validations without improvement; 0: never
     limit: int = -1                 # train on at most this many examples; 0: all; -1: all on a GPU, 1000 on a CPU
+    unanswerable_share: float = -1.0  # SQuAD v2.0: share of unanswerable training questions; -1: as drawn from the data
     format: str = ""                # prompt format; "": the tokenizer's own (plain, llama2, llama3, chatml)
     device: str = "auto"            # auto: cuda > mps > cpu
     dtype: str = "auto"             # auto: bfloat16 where supported on the device, else float32
@@ -96,6 +97,8 @@ def validate(cfg):
               (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
               (0 <= cfg.holdout < 1 and 0 <= cfg.val_fraction < 1, "--holdout and --val-fraction are in [0, 1)"),
               (cfg.eval_every > 0 and cfg.log_every > 0, "--eval-every and --log-every must be > 0"),
+              (cfg.unanswerable_share == -1 or 0 <= cfg.unanswerable_share <= 1,
+               f"--unanswerable-share must be in [0, 1] (or -1: as in the data), got {cfg.unanswerable_share}"),
               (cfg.val_max >= 0, f"--val-max must be >= 0, got {cfg.val_max}"),
               (cfg.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {cfg.max_grad_norm}"),
               (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype {cfg.dtype!r}: use auto, float32 or bfloat16"),
@@ -231,35 +234,56 @@ def make_optimizer(cfg, params):
 
 # ----------------------------------------------------------------------------- the loss
 
-def chunk_nll(lm_head, hidden, targets):
-    """Summed negative log-likelihood of `targets` (N,) under logits lm_head(hidden (N, C)) -> (N, V)."""
-    logits = lm_head(hidden).float()
-    # -log softmax(logits)[target] = logsumexp(logits) - logits[target]. Written out on purpose (this is the
-    # lesson); F.cross_entropy fuses it: at vocab 128k, 2048 tokens (bench.py) 8.2 s and 421 MiB instead of
-    # 9.3 s and 673 MiB, both far below the 4017 MiB of naive full logits.
-    return (torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed negative log-likelihood of `targets` (N,) under logits hidden (N, C) @ head_weight.T (V, C),
+    `chunk` rows at a time, so only a (chunk, V) block of logits ever exists.
+
+    The cross-entropy and its gradient are written out: -log softmax(z)[y] = logsumexp(z) - z[y], and its
+    gradient w.r.t. the logits z is softmax(z) - onehot(y). Each chunk's gradient w.r.t. its hidden rows,
+    (softmax - onehot) @ head_weight, is formed in forward while the logits are at hand, and backward only
+    scales it: two head matmuls per chunk instead of three for recomputing logits in backward (bench.py,
+    vocab 128k, 8x256 all supervised: 1.50x faster training step than checkpointed chunks). The head is
+    frozen (LoRA never targets it), so no gradient for head_weight is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, head_weight, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for i in range(0, len(targets), chunk):
+            h, y = hidden[i:i + chunk], targets[i:i + chunk]
+            logits = (h @ head_weight.T).float()                      # (n, V), fp32 for the softmax
+            logsumexp = torch.logsumexp(logits, dim=-1)                # (n,)
+            total += (logsumexp - logits.gather(-1, y[:, None]).squeeze(-1)).sum()
+            if grad_hidden is not None:
+                probs = logits.sub_(logsumexp[:, None]).exp_()         # softmax, in the logits' memory
+                probs[torch.arange(len(y), device=y.device), y] -= 1   # - onehot(y)
+                grad_hidden[i:i + chunk] = probs.to(h.dtype) @ head_weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
 
 
 def masked_loss_sum(model, input_ids, labels, chunk=256):
     """(sum of the NLL over supervised tokens, their count), for one micro-batch.
 
     Position t predicts token t+1: hidden[:, :-1] is scored against labels[:, 1:]. Only the supervised
-    positions reach the LM head, in chunks that are recomputed in backward, so the (B, T, V) logits
-    tensor never exists: for SQuAD most positions are prompt and cost nothing.
+    positions reach the LM head, `chunk` at a time, so the (B, T, V) logits tensor never exists: for SQuAD
+    most positions are prompt and cost nothing.
     """
-    # A chunk's backward holds ~20 bytes per logit (bf16 and fp32 copies, the gradient). bench.py, vocab
-    # 128k, 2048 tokens all supervised: 673 MiB at chunk 256, 2542 MiB at 1024, 4017 MiB for naive full
-    # logits; the head's matmuls stay large enough that the time did not change measurably.
+    # A chunk holds ~8 bytes per logit (logits in bf16, fp32 for the softmax, the bf16 gradient). bench.py,
+    # vocab 128k, 2048 tokens all supervised: chunks of 256 keep the step far below naive full logits'
+    # 4017 MiB; larger chunks did not make the head's matmuls measurably faster.
     hidden = model(input_ids, return_hidden=True)[:, :-1]          # (B, T-1, C)
-    lm_head = getattr(model, "module", model).lm_head                # under DDP, model is the wrapper
+    head_weight = getattr(model, "module", model).lm_head.weight    # under DDP, model is the wrapper
     targets = labels[:, 1:]                                          # (B, T-1)
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]                    # (N, C), (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, len(targets), chunk):
-        total = total + checkpoint(chunk_nll, lm_head, hidden[i:i + chunk], targets[i:i + chunk],
-                                   use_reentrant=False)
-    return total, len(targets)
+    return ChunkedCrossEntropy.apply(hidden, head_weight, targets, chunk), len(targets)
 
 
 @torch.no_grad()
@@ -374,8 +398,7 @@ def train(cfg):
     kind, examples = load_examples(cfg.data)
     rest, _heldout = split_examples(examples, cfg.holdout, cfg.seed)
     train_examples, val_examples = split_examples(rest, cfg.val_fraction, cfg.seed)
-    if cfg.limit:
-        train_examples = random.Random(cfg.seed).sample(train_examples, min(cfg.limit, len(train_examples)))
+    train_examples = sample_examples(train_examples, cfg.limit, cfg.unanswerable_share, cfg.seed)
     val_examples = random.Random(cfg.seed).sample(val_examples, min(cfg.val_max, len(val_examples)))
     train_set, stats = prepare(tok, train_examples, fmt, cfg.max_seq_len)
     val_set, _ = prepare(tok, val_examples, fmt, cfg.max_seq_len)
@@ -392,7 +415,9 @@ def train(cfg):
                        device=device, dtype=dtype, double_quant=cfg.double_quant)
     targets = "all-linear" if cfg.targets == "all-linear" else cfg.targets.split(",")
     torch.manual_seed(cfg.seed)                       # the same LoRA init on every rank
-    apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, targets, cfg.rslora)
+    lora_names = apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, targets, cfg.rslora)
+    if any(name.endswith("lm_head") for name in lora_names):
+        raise UserError("--targets: LoRA on lm_head is not supported; the loss takes the head as frozen")
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

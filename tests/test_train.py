@@ -48,6 +48,27 @@ def test_masked_loss_equals_hand_computation():
     torch.testing.assert_close(total / n, per_token.sum() / n_hand, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_gradient_written_out_in_forward_equals_autograd_of_full_logits(dtype):
+    """ChunkedCrossEntropy forms d loss / d hidden = (softmax - onehot) @ W in forward; it must equal what
+    autograd gives for F.cross_entropy over the full logits, for several chunks and a scaled loss."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(300, 16, generator=g) * 0.3).to(dtype)
+    targets = torch.randint(0, 300, (37,), generator=g)
+    total = T.ChunkedCrossEntropy.apply(hidden, weight, targets, 8)
+    (total / 5).backward()
+    ours = hidden.grad.clone()
+    hidden.grad = None
+    reference = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    (reference / 5).backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(total, reference, **tol)
+    torch.testing.assert_close(ours, hidden.grad, **tol)
+    with torch.no_grad():                          # validation: no gradient formed, same loss
+        torch.testing.assert_close(T.ChunkedCrossEntropy.apply(hidden, weight, targets, 8), total)
+
+
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
