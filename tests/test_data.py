@@ -244,3 +244,23 @@ def test_prompts_and_answers(toks, samples):
     assert data.answer_from_generation("1066\nQuestion: next") == "1066"
     assert data.answer_from_generation(f" {NO_ANSWER}<|eot_id|>") == ""
     assert data.answer_from_generation("Unanswerable.") == ""
+
+
+def test_sample_examples_draws_the_asked_unanswerable_share(squad2):
+    _, examples = squad2
+    picked = data.sample_examples(examples, 600, 1 / 3, seed=0)
+    assert len(picked) == 600 and sum(ex.is_impossible for ex in picked) == 200
+    assert len({ex.id for ex in picked}) == 600 and picked == data.sample_examples(examples, 600, 1 / 3, seed=0)
+    assert picked != data.sample_examples(examples, 600, 1 / 3, seed=1)
+    everything = data.sample_examples(examples, 0, 0.25, seed=0)    # no limit: as many as the share allows
+    n_answerable = sum(not ex.is_impossible for ex in examples)
+    assert sum(not ex.is_impossible for ex in everything) == n_answerable
+    assert sum(ex.is_impossible for ex in everything) == round(len(everything) * 0.25)
+    assert sum(ex.is_impossible for ex in data.sample_examples(examples, 50, 0.0, seed=0)) == 0
+    assert len(data.sample_examples(examples, 50, -1, seed=0)) == 50           # -1: as drawn from the data
+
+
+def test_unanswerable_share_needs_squad2_data():
+    _, examples = data.load_examples(SQUAD_V1)
+    with pytest.raises(UserError, match="needs SQuAD v2.0"):
+        data.sample_examples(examples, 100, 0.3, seed=0)

@@ -396,6 +396,7 @@ BAD_OPTIONS = [  # (extra options, what the message says); TRAIN_FAST's values c
     (["--max-steps", "0", "--epochs", "0"], "give --max-steps > 0 or --epochs > 0"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--val-max", "-5"], "--val-max must be >= 0, got -5"),
+    (["--unanswerable-share", "1.5"], "--unanswerable-share must be in [0, 1]"),
     (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
     (["--quantize", "int8"], "--quantize 'int8': use nf4, fp4 or none"),
     (["--dtype", "float64"], "--dtype 'float64': use auto, float32 or bfloat16"),
@@ -422,6 +423,13 @@ def test_impossible_options_are_refused_before_anything_loads(monkeypatch, tmp_p
     assert time.perf_counter() - t0 < 1.0
     assert_one_line_error(result, message)
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("extra,message", [(["--targets", "lm_head"], "LoRA on lm_head is not supported"),
+                                           (["--unanswerable-share", "0.3"], "needs SQuAD v2.0 data")])
+def test_options_the_model_or_data_cannot_take_are_refused(tmp_path, squad_file, extra, message):
+    assert_one_line_error(train_cli(STORIES, squad_file, tmp_path / "out", *extra), message)
+    assert not os.path.exists(tmp_path / "out/checkpoint.pt")
 
 
 def test_out_that_is_a_file_or_an_earlier_run_is_refused(monkeypatch, tmp_path, squad_file, earlier_run):
