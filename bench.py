@@ -275,14 +275,14 @@ def prompts_for(path, n, max_seq_len=512, max_new_tokens=32):
     return prompts, tok.stop_ids, tok.pad_id
 
 
-def theirs_generate(model, prompts, max_new_tokens, stop_ids, pad_id):
+def theirs_generate(model, prompts, max_new_tokens, stop_ids, pad_id, prompt_lookup=None):
     """Greedy continuations by model.generate on a left-padded batch, cut at the first stop id."""
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          temperature=None, top_p=None, top_k=None, eos_token_id=sorted(stop_ids),
-                         pad_token_id=pad_id)
+                         pad_token_id=pad_id, prompt_lookup_num_tokens=prompt_lookup)
     results = []
     for row in out[:, L:].tolist():
         cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
@@ -290,8 +290,15 @@ def theirs_generate(model, prompts, max_new_tokens, stop_ids, pad_id):
     return results
 
 
+# Generation variants: (side, prompt lookup draft length). At batch 1 both sides also run prompt lookup
+# decoding (ours: generate.generate_with_lookup; theirs: model.generate's prompt_lookup_num_tokens).
+DRAFT = 8
+VARIANTS = {"ours": ("ours", 0), "theirs": ("theirs", 0), "ours lookup": ("ours", DRAFT),
+            "theirs lookup": ("theirs", DRAFT)}
+
+
 def task_generate(model, device, dtype, batch_sizes, n_prompts, max_new_tokens, repeats):
-    """Answers/s and tokens/s of batched greedy generation, both sides alternating in this process."""
+    """Answers/s and tokens/s of batched greedy generation, all variants alternating in this process."""
     from generate import generate
     path = model_path(model)
     dtype = getattr(torch, dtype)
@@ -299,32 +306,34 @@ def task_generate(model, device, dtype, batch_sizes, n_prompts, max_new_tokens, 
     models = {"ours": ours_model(path, device, dtype).eval(), "theirs": theirs_model(path, device, dtype).eval()}
     prompts, stop_ids, pad_id = prompts_for(path, n_prompts, max_new_tokens=max_new_tokens)
 
-    def run(side, batch):
+    def run(variant, batch):
+        side, draft = VARIANTS[variant]
         answers = []
         for i in range(0, len(prompts), batch):
             rows = prompts[i:i + batch]
             if side == "ours":
                 answers += generate(models[side], rows, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                    pad_id=pad_id)
+                                    pad_id=pad_id, prompt_lookup=draft)
             else:
                 with torch.no_grad():
-                    answers += theirs_generate(models[side], rows, max_new_tokens, stop_ids, pad_id)
+                    answers += theirs_generate(models[side], rows, max_new_tokens, stop_ids, pad_id, draft or None)
         return answers
 
     results = {}
     for batch in batch_sizes:
-        answers, answers_s, tokens_s = {}, {"ours": [], "theirs": []}, {"ours": [], "theirs": []}
+        variants = list(VARIANTS) if batch == 1 else ["ours", "theirs"]
+        answers, answers_s, tokens_s = {}, {v: [] for v in variants}, {v: [] for v in variants}
         for r in range(repeats + 1):        # run 0 warms up
-            for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
                 t0 = time.perf_counter()
-                answers[side] = run(side, batch)
+                answers[variant] = run(variant, batch)
                 seconds = time.perf_counter() - t0
                 if r:
-                    answers_s[side].append(len(prompts) / seconds)
+                    answers_s[variant].append(len(prompts) / seconds)
                     # tokens generated, each answer's stop token included
-                    tokens_s[side].append(sum(min(len(a) + 1, max_new_tokens) for a in answers[side]) / seconds)
-        same = sum(a == b for a, b in zip(answers["ours"], answers["theirs"])) / len(prompts)
-        results[str(batch)] = dict(answers_s=answers_s, tokens_s=tokens_s, same_answers=same)
+                    tokens_s[variant].append(sum(min(len(a) + 1, max_new_tokens) for a in answers[variant]) / seconds)
+        same = {v: sum(a == b for a, b in zip(answers[v], answers["ours"])) / len(prompts) for v in variants}
+        results[str(batch)] = dict(answers_s=answers_s, tokens_s=tokens_s, same_as_ours=same)
     return results
 
 
@@ -453,13 +462,23 @@ def bench_generate(report, args, name, batch_sizes, n_prompts, max_new_tokens):
     res = run_task(args, "generate", model=name, device=args.device, dtype=args.dtype, batch_sizes=batch_sizes,
                         n_prompts=n_prompts, max_new_tokens=max_new_tokens, repeats=args.repeats)
     for batch, r in res.items():
-        label = f"generate {name} greedy, {n_prompts} prompts, batch {batch}"
         a, t = r["answers_s"], r["tokens_s"]
-        report.add(f"{label}: answers/s", statistics.median(a["ours"]), statistics.median(a["theirs"]),
-                   median_ratio(a["ours"], a["theirs"]), (">=", 1.5), fmt="{:.2f}")
-        report.add(f"{label}: tokens/s", statistics.median(t["ours"]), statistics.median(t["theirs"]),
-                   median_ratio(t["ours"], t["theirs"]))
-        report.note(f"{label}: {r['same_answers']:.0%} of the answers are token-for-token the same")
+        # (ours, theirs, target). At batch 1: ours with prompt lookup against theirs as users run it, against
+        # theirs with prompt lookup too, and both without it.
+        pairs = [("ours", "theirs", (">=", 1.5))]
+        if batch == "1":
+            pairs = [("ours lookup", "theirs", (">=", 1.5)), ("ours lookup", "theirs lookup", None),
+                     ("ours", "theirs", None)]
+        for ours, theirs, target in pairs:
+            label = f"generate {name} greedy, {n_prompts} prompts, batch {batch}"
+            if batch == "1":
+                label += f", {ours} vs {theirs}"
+            report.add(f"{label}: answers/s", statistics.median(a[ours]), statistics.median(a[theirs]),
+                       median_ratio(a[ours], a[theirs]), target, fmt="{:.2f}")
+            report.add(f"{label}: tokens/s", statistics.median(t[ours]), statistics.median(t[theirs]),
+                       median_ratio(t[ours], t[theirs]))
+        same = ", ".join(f"{v} {share:.0%}" for v, share in r["same_as_ours"].items() if v != "ours")
+        report.note(f"generate batch {batch}: answers token-for-token the same as ours (no lookup): {same}")
 
 
 def bench_loss(report, args, vocab, dim, seq):

@@ -226,7 +226,7 @@ def answer_from_generation(text):
     for piece in END_PIECES:
         text = text.split(piece)[0]
     text = text.strip().split("\n")[0].strip()
-    return "" if text.rstrip(".").lower() == NO_ANSWER else text
+    return "" if text.rstrip(".!?").strip().lower() == NO_ANSWER else text
 
 
 # ---------------------------------------------------------------- tokenization

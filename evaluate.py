@@ -46,7 +46,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def generate_answers(model, tok, prompts, *, batch_size, max_new_tokens):
+def generate_answers(model, tok, prompts, *, batch_size, max_new_tokens, prompt_lookup=0):
     """Greedy continuations of token-id prompts: (texts, stopped, seconds per prompt, tokens, total s).
 
     Batches are formed longest prompt first, so a batch holds similar lengths (little padding) and an
@@ -60,7 +60,7 @@ def generate_answers(model, tok, prompts, *, batch_size, max_new_tokens):
         _sync(device)
         t0 = time.perf_counter()
         outs = generate(model, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
-                        stop_ids=tok.stop_ids, pad_id=tok.pad_id)  # temperature 0: greedy
+                        stop_ids=tok.stop_ids, pad_id=tok.pad_id, prompt_lookup=prompt_lookup)  # greedy
         _sync(device)
         dt = time.perf_counter() - t0
         total += dt
@@ -104,7 +104,7 @@ def squad_json(examples, kind):
                      for ex in examples]}
 
 
-def evaluate_model(model, tok, examples, kind, *, fmt, batch_size, max_new_tokens, max_seq_len):
+def evaluate_model(model, tok, examples, kind, *, fmt, batch_size, max_new_tokens, max_seq_len, prompt_lookup):
     """Greedy answers to `examples` and their scores: (predictions {id: answer}, report).
 
     SQuAD: official scores (+ abstention for v2.0). Instruction data: token F1, ROUGE-L, BLEU and the
@@ -114,7 +114,8 @@ def evaluate_model(model, tok, examples, kind, *, fmt, batch_size, max_new_token
         torch.cuda.reset_peak_memory_stats(device)
     encoded = [data.encode_prompt(tok, ex, fmt, max_seq_len, max_new_tokens) for ex in examples]
     texts, stopped, seconds, tokens, total = generate_answers(
-        model, tok, [ids for ids, _ in encoded], batch_size=batch_size, max_new_tokens=max_new_tokens)
+        model, tok, [ids for ids, _ in encoded], batch_size=batch_size, max_new_tokens=max_new_tokens,
+        prompt_lookup=prompt_lookup)
     if kind == "instruct":
         predictions = {ex.id: text.strip() for ex, text in zip(examples, texts)}
         scores = metrics.freeform_scores([ex.answers[0] for ex in examples], list(predictions.values()))
@@ -198,6 +199,9 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=data.FORMATS, help="prompt format (default: the adapter's run's, "
                    "else the tokenizer's chat format)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompt-lookup", type=int, default=8,
+                   help="at --batch-size 1, draft up to N tokens copied from the prompt and verify them in one pass "
+                        "(prompt lookup decoding: greedy's answers in fewer passes); 0: off")
     p.add_argument("--max-new-tokens", type=int, help="default 32 for SQuAD, 256 for instruction data")
     p.add_argument("--max-seq-len", type=int,
                    help="prompt + answer tokens (default: the adapter's run's, else the model's, at most 2048)")
@@ -236,6 +240,8 @@ def check_args(args):
         _need_file(os.path.join(args.adapter, "adapter_config.json"), "--adapter")
     if args.compare and not args.adapter:
         raise UserError("--compare needs --adapter (it compares the base model with base + adapter)")
+    if args.prompt_lookup < 0:
+        raise UserError(f"--prompt-lookup must be >= 0, got {args.prompt_lookup}")
     for option in ("limit", "batch_size", "max_new_tokens", "max_seq_len"):
         value = getattr(args, option)
         if value is not None and value <= 0:
@@ -356,7 +362,8 @@ def main(argv=None):
         if args.adapter:
             load_adapter(model, args.adapter)
         prompts = [data.encode_prompt(tok, ex, fmt, max_seq_len, max_new_tokens)[0] for ex in examples]
-        texts = generate_answers(model, tok, prompts, batch_size=args.batch_size, max_new_tokens=max_new_tokens)[0]
+        texts = generate_answers(model, tok, prompts, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
+                                 prompt_lookup=args.prompt_lookup)[0]
         answers = [(data.answer_from_generation(t) or "(no answer)") if ex.context else t.strip()
                    for ex, t in zip(examples, texts)]
         print(answers[0] if not args.file else json.dumps(
@@ -366,8 +373,10 @@ def main(argv=None):
     settings = dict(model=args.model, adapter=args.adapter, data=args.data, kind=kind, holdout=args.holdout,
                     seed=seed, limit=args.limit, format=fmt, batch_size=args.batch_size,
                     max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, decoding="greedy",
+                    prompt_lookup=args.prompt_lookup if args.batch_size == 1 else 0,
                     device=str(device), dtype=str(dtype).removeprefix("torch."), quantize=quantize)
-    common = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
+    common = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
+                  prompt_lookup=args.prompt_lookup)
     runs, predictions = {}, {}
     if not args.adapter or args.compare:
         predictions["base"], runs["base"] = evaluate_model(model, tok, examples, kind, **common)

@@ -31,9 +31,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from checkpoint import load_checkpoint, log_metrics, prepare_out_dir, save_checkpoint
 from data import (FORMATS, IGNORE_INDEX, collate, load_examples, prepare, sample_examples, show_example,
                   split_examples)
-from errors import UserError, run_cli, write_atomic
+from distributed import all_ranks_sum, finish, init_distributed
+from errors import UserError, run_cli
 from lora import apply_lora, format_parameter_report, parameter_report, save_adapter
 from download import resolve_data, resolve_model
 from model import PRESETS, Config, load_model
@@ -301,78 +303,7 @@ def validation_loss(model, dataset, cfg, pad_id, autocast):
     return total / max(count, 1)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(cfg, model, optimizer, state):
-    lora_state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    payload = dict(lora=lora_state, optimizer=optimizer.state_dict(), state=state,
-                   config=dataclasses.asdict(cfg))
-    write_atomic(os.path.join(cfg.out, "checkpoint.pt"), lambda tmp: torch.save(payload, tmp))
-
-
-def load_checkpoint(cfg, model, optimizer):
-    path = os.path.join(cfg.out, "checkpoint.pt")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: torch raises several types
-        raise UserError(f"{path}: unreadable checkpoint ({err})") from None
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if payload["lora"].keys() != params.keys():
-        raise UserError(f"{path}: its LoRA layers differ from this run's (check --rank / --targets)")
-    with torch.no_grad():
-        for name, p in params.items():
-            if payload["lora"][name].shape != p.shape:
-                raise UserError(f"{path}: {name} has shape {tuple(payload['lora'][name].shape)}, "
-                                f"this run expects {tuple(p.shape)}")
-            p.copy_(payload["lora"][name])
-    optimizer.load_state_dict(payload["optimizer"])
-    return payload["state"]
-
-
-def log_metrics(cfg, record):
-    """Append one JSON line to metrics.jsonl (trim_metrics drops lines past a resumed checkpoint)."""
-    path = os.path.join(cfg.out, "metrics.jsonl")
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def trim_metrics(cfg, step):
-    """On resume, drop the lines written after the checkpoint: the log gets no gaps and no duplicates."""
-    path = os.path.join(cfg.out, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= step]
-
-        def write(tmp):  # a line cut short by a full disk has no "}\n" and is dropped too
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-        write_atomic(path, write)
-
-
 # ----------------------------------------------------------------------------- the loop
-
-def init_distributed(device):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL between
-    GPUs, gloo between CPU processes; each rank drives the GPU of its LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device == "cuda":
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world, device
-
-
-def all_ranks_sum(value, world, device):
-    """The sum of a number over all ranks (itself when there is one process)."""
-    if world == 1:
-        return value
-    total = torch.tensor(float(value), dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.item()
-
 
 def train(cfg):
     """Fine-tune LoRA adapters on `cfg.data`; returns the final state dict (step, val losses...)."""
@@ -435,22 +366,8 @@ def train(cfg):
     if not main:
         return train_loop(cfg, ddp, model, optimizer, state, train_set, val_set, tok, total_steps, rank, world,
                           device, autocast, say)
-    os.makedirs(cfg.out, exist_ok=True)
-    if cfg.resume:
-        trim_metrics(cfg, state["step"])
-    elif cfg.overwrite:
-        # An earlier run's adapters go too: a new run stopped early must not leave them looking like its own.
-        for name in ("metrics.jsonl", "checkpoint.pt", "best/adapter_model.safetensors", "best/adapter_config.json",
-                     "final/adapter_model.safetensors", "final/adapter_config.json"):
-            if os.path.exists(os.path.join(cfg.out, name)):
-                os.remove(os.path.join(cfg.out, name))
-    run = dict(config=dataclasses.asdict(cfg), format=fmt, kind=kind, data_stats=stats, n_train=len(train_set),
-               n_val=len(val_set), total_steps=total_steps)
-
-    def write_run(tmp):
-        with open(tmp, "w") as f:
-            json.dump(run, f, indent=2)
-    write_atomic(os.path.join(cfg.out, "run.json"), write_run)
+    prepare_out_dir(cfg, state["step"], dict(config=dataclasses.asdict(cfg), format=fmt, kind=kind, data_stats=stats,
+                                             n_train=len(train_set), n_val=len(val_set), total_steps=total_steps))
 
     print(f"{format_memory_report(memory_report(model))}")
     print(format_parameter_report(parameter_report(model)))
@@ -554,12 +471,6 @@ def train_loop(cfg, ddp, model, optimizer, state, train_set, val_set, tok, total
     return state
 
 
-def finish(world):
-    if world > 1:
-        dist.barrier()                    # rank 0 has written its files
-        dist.destroy_process_group()
-
-
 def evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autocast):
     """Validate, keep the best adapter, write the checkpoint; False when patience has run out."""
     state["last_eval"] = state["step"]
@@ -578,7 +489,7 @@ def evaluate_and_checkpoint(cfg, model, optimizer, state, val_set, pad_id, autoc
 
 
 def peak_memory_mb(device):
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux reports KiB

@@ -244,6 +244,7 @@ def test_prompts_and_answers(toks, samples):
     assert data.answer_from_generation("1066\nQuestion: next") == "1066"
     assert data.answer_from_generation(f" {NO_ANSWER}<|eot_id|>") == ""
     assert data.answer_from_generation("Unanswerable.") == ""
+    assert data.answer_from_generation("Unanswerable!") == data.answer_from_generation("unanswerable ?") == ""
 
 
 def test_sample_examples_draws_the_asked_unanswerable_share(squad2):

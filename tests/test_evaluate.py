@@ -40,7 +40,8 @@ OFFICIAL = {
 # One thread: on this shared 2-core machine a second OpenMP thread spin-waits for a busy core, which
 # made a stories260K generation 70x slower (3.3 s instead of 0.05 s) whenever another job ran.
 torch.set_num_threads(1)
-SMALL = dict(fmt="plain", max_new_tokens=6, max_seq_len=512)  # stories260K: plain prompts, 512 positions
+SMALL = dict(fmt="plain", max_new_tokens=6, max_seq_len=512,  # stories260K: plain prompts, 512 positions
+             prompt_lookup=8)                                 # used at batch 1 (generate_with_lookup)
 
 
 def cli(*args):
@@ -107,7 +108,8 @@ def test_abstentions_are_scored_as_no_answer(monkeypatch, stories, tiny_squad):
 
 
 def test_batched_generation_equals_one_at_a_time(stories, tiny_squad):
-    """Batches of 3 and 4 (left padding, longest first) give each question the answer it gets alone."""
+    """Batches of 3 and 4 (left padding, longest first), and prompt lookup decoding at batch 1, give each
+    question the answer plain greedy decoding gives it alone."""
     model, tok = stories
     examples = data.load_examples(tiny_squad)[1][:8]
     alone = {}
@@ -116,7 +118,7 @@ def test_batched_generation_equals_one_at_a_time(stories, tiny_squad):
         out = generate(model, [ids], max_new_tokens=6, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
         alone[ex.id] = data.answer_from_generation(tok.decode(out, skip_special=True))
     assert len(set(alone.values())) > 1  # different questions, different answers: a mix-up would show
-    for batch_size in (3, 4):
+    for batch_size in (1, 3, 4):
         predictions, report = E.evaluate_model(model, tok, examples, "squad2", batch_size=batch_size, **SMALL)
         assert predictions == alone and list(predictions) == [ex.id for ex in examples]
     assert report["generated_tokens"] > 0 and report["latency_s"]["p95"] >= report["latency_s"]["p50"] > 0

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import model as M
 from conftest import SMOLLM, STORIES
 from errors import UserError
-from generate import KVCache, generate
+from generate import KVCache, draft_from_context, generate
 from quant import dequantize_weight, is_4bit
 
 transformers = pytest.importorskip("transformers")
@@ -133,6 +133,56 @@ def test_stories260k_golden_greedy_text():
     sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(STORIES, "tokenizer.model"))
     assert sp.decode(STORIES_PROMPT + new).startswith(
         "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.")
+
+
+def test_draft_from_context_copies_what_followed_the_latest_longest_match():
+    tokens = [1, 2, 3, 9, 1, 2, 4, 5, 6, 1, 2]
+    assert draft_from_context(tokens, 3) == [4, 5, 6]          # "1 2" last seen before 4 5 6
+    assert draft_from_context(tokens + [3], 2) == [9, 1]       # the 3-gram "1 2 3" before the 1-gram "3"
+    assert draft_from_context([7, 8, 9], 4) == []              # nothing recurs
+    assert draft_from_context([5, 5], 3) == [5]
+
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_prompt_lookup_decoding_gives_the_greedy_tokens_in_fewer_passes():
+    """A stories260K (fp32) prompt that tells its story twice: the model copies it, drafts copied from the
+    context get accepted, and the tokens are plain greedy decoding's, stop ids inside a kept draft and
+    max_new_tokens honoured."""
+    ours = M.load_model(STORIES)
+    prompt = STORIES_PROMPT + STORIES_GOLDEN[:40] + STORIES_PROMPT
+    calls = count_forwards(ours)
+    plain = generate(ours, [prompt], max_new_tokens=48, stop_ids=set())[0]
+    assert len(calls) == 48
+    calls[:] = []
+    assert generate(ours, [prompt], max_new_tokens=48, stop_ids=set(), prompt_lookup=6)[0] == plain
+    assert len(calls) <= 48 / 3                               # measured: 13 passes
+    for stop in (plain[10], plain[30]):                       # tokens inside accepted drafts
+        expected = plain[:plain.index(stop)]
+        assert generate(ours, [prompt], max_new_tokens=48, stop_ids={stop}, prompt_lookup=6)[0] == expected
+    for limit in (1, 7, 33):
+        assert generate(ours, [prompt], max_new_tokens=limit, stop_ids=set(), prompt_lookup=8)[0] == plain[:limit]
+    assert generate(ours, [STORIES_PROMPT], max_new_tokens=64, stop_ids={2}, prompt_lookup=6)[0] == STORIES_GOLDEN
+
+
+def test_prompt_lookup_on_squad_prompts_equals_greedy_with_real_smollm2():
+    import data
+    from conftest import SQUAD_V1
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(SMOLLM)
+    ours = M.load_model(SMOLLM, quantize="nf4")                # fp32 compute: no rounding differences
+    examples = data.load_examples(SQUAD_V1)[1][:3]
+    prompts = [data.encode_prompt(tok, ex, tok.chat_format, 384, 24)[0] for ex in examples]
+    calls = count_forwards(ours)
+    plain = [generate(ours, [p], max_new_tokens=24, stop_ids=tok.stop_ids)[0] for p in prompts]
+    n_plain, calls[:] = len(calls), []
+    assert [generate(ours, [p], max_new_tokens=24, stop_ids=tok.stop_ids, prompt_lookup=8)[0]
+            for p in prompts] == plain
+    assert len(calls) < n_plain
 
 
 def test_stories260k_nf4_stays_close():
