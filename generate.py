@@ -123,7 +123,10 @@ def generate_with_lookup(model, prompt, *, max_new_tokens, stop_ids, max_draft):
     occurrence are a good guess of what comes next. One forward pass scores the last token plus up to
     `max_draft` guessed ones; the guesses the model itself would have picked greedily are kept, plus the
     model's own token after them. At batch 1 a pass over 1 + max_draft tokens costs about what a pass over 1
-    does (reading, and for 4-bit dequantizing, every weight dominates), so each kept guess is a pass saved.
+    does (reading, and for 4-bit dequantizing, every weight dominates), so each kept guess is a pass saved:
+    bench.py, SmolLM2 NF4 on the CPU, 16 SQuAD prompts, 0.93 answers/s instead of 0.42. In fp32 the tokens
+    are exactly greedy's (tests/test_model.py); in bf16 a pass over several tokens rounds differently from a
+    pass over one, so a near-tie can flip (81% of those 16 answers were identical).
     """
     device = model.lm_head.weight.device
     cache = KVCache(model.config, 1, len(prompt) + max_new_tokens + max_draft, device=device,
