@@ -24,7 +24,7 @@ import metrics
 from errors import UserError, run_cli, write_atomic
 from download import SQUAD_NAMES, resolve_data, resolve_model
 from generate import generate
-from lora import load_adapter
+from lora import load_adapter, lora_disabled
 from model import Config, load_model
 from tokenizer import load_tokenizer
 
@@ -378,10 +378,12 @@ def main(argv=None):
     common = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
                   prompt_lookup=args.prompt_lookup)
     runs, predictions = {}, {}
+    if args.adapter:  # onto the base already in memory (a second copy would double the peak), and checked
+        load_adapter(model, args.adapter)   # before the base is scored: --compare runs it switched off
     if not args.adapter or args.compare:
-        predictions["base"], runs["base"] = evaluate_model(model, tok, examples, kind, **common)
-    if args.adapter:  # onto the base already in memory: loading it twice would double the peak
-        load_adapter(model, args.adapter)
+        with lora_disabled(model):
+            predictions["base"], runs["base"] = evaluate_model(model, tok, examples, kind, **common)
+    if args.adapter:
         predictions["adapter"], runs["adapter"] = evaluate_model(model, tok, examples, kind, **common)
 
     os.makedirs(args.out, exist_ok=True)

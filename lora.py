@@ -22,6 +22,7 @@ With B initialised to zero the wrapped model starts exactly where the base model
 and B over an NF4 W). Module and parameter names follow PEFT, so `<module>.lora_A.weight` is a PEFT
 key once `base_model.model.` is put in front of it.
 """
+import contextlib
 import json
 import math
 import os
@@ -78,10 +79,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.disabled = False   # lora_disabled(model): the base alone
 
     def forward(self, x):
         h = self.base_layer(x)  # (B, T, out); a Linear4bit dequantizes W inside its matmul
-        if self.merged:  # W already holds W + scaling * B A
+        if self.merged or self.disabled:  # merged: W already holds W + scaling * B A
             return h
         # The branch runs in x's dtype (the base's compute dtype, e.g. bf16): casting the small
         # A and B costs less than casting the activations up to fp32. Llama-7B q_proj, r=16:
@@ -184,6 +186,22 @@ def merge_lora(model):
         if not layer.merged:
             _add_to_base(layer, +1)
             layer.merged = True
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Inside the block `model` computes with its base weights alone (PEFT's disable_adapter): evaluate.py
+    --compare loads, and so checks, the adapter before it spends time scoring the base."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("the model's LoRA is merged into its weights: unmerge_lora(model) first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def unmerge_lora(model):

@@ -164,6 +164,21 @@ def test_compare_holdout_and_the_runs_settings(tmp_path, tiny_squad):
     _, heldout = data.split_examples(data.load_examples(tiny_squad)[1], 0.5, 3)
     assert list(base) == list(tuned) == [ex.id for ex in heldout]
     assert base != tuned and result["base"]["questions"] == result["adapter"]["questions"] == len(heldout)
+    # the base, scored with the adapter loaded and switched off, answers as the model that never had one
+    alone, _ = E.evaluate_model(load_model(STORIES), load_tokenizer(STORIES), heldout, "squad2", fmt="plain",
+                                batch_size=8, max_new_tokens=6, max_seq_len=400, prompt_lookup=0)
+    assert base == alone
+
+
+def test_compare_checks_the_adapter_before_scoring_the_base(tmp_path, tiny_squad, monkeypatch):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", r=4)))
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: pytest.fail("the base was scored first"))
+    with pytest.raises(UserError, match="cannot read the adapter"):
+        E.main(["--model", STORIES, "--adapter", str(tmp_path / "adapter"), "--compare", "--data", tiny_squad,
+                "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
 
 
 def test_freeform_metrics_and_perplexity_match_transformers(stories):

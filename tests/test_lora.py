@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import model as M
 from errors import UserError
-from lora import (LoRALinear, apply_lora, format_parameter_report, load_adapter, lora_layers,
+from lora import (LoRALinear, apply_lora, format_parameter_report, load_adapter, lora_disabled, lora_layers,
                   merge_lora, parameter_report, save_adapter, unmerge_lora)
 from quant import dequantize_weight, is_4bit, make_linear, set_linear_weight
 
@@ -150,6 +150,21 @@ def test_merge_unmerge_fp32():
             torch.testing.assert_close(p, weights[name.replace(".base_layer", "")], atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(model), lora_logits, atol=1e-5, rtol=0)
     assert not torch.allclose(lora_logits, base_logits, atol=1e-3)  # B really is non-zero
+
+
+def test_lora_disabled_computes_the_base_alone_and_restores_the_adapter():
+    model = tiny_llama()
+    base_logits = logits(model)
+    apply_lora(model, rank=4, alpha=8, dropout=0.0, targets=LLAMA_TARGETS)
+    randomize_B(model)
+    lora_logits = logits(model)
+    with lora_disabled(model):
+        torch.testing.assert_close(logits(model), base_logits, atol=0, rtol=0)
+    torch.testing.assert_close(logits(model), lora_logits, atol=0, rtol=0)
+    merge_lora(model)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        with lora_disabled(model):
+            pass
 
 
 def test_merge_unmerge_4bit_drift():
